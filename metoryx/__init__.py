@@ -1,0 +1,87 @@
+"""metoryx: PyTorch's way of building models, JAX's way of running them.
+
+Build a model as a plain mutable object, then ``mx.transform(model)`` snapshots it into two pure
+functions, ``init_fn(key) -> variables`` and ``apply_fn(variables, rngs, *args, **kwargs) ->
+(output, new_variables)``, that every JAX transformation sees through.
+
+Example:
+    >>> import jax, jax.numpy as jnp, metoryx as mx
+    >>> init_fn, apply_fn = mx.transform(mx.Dense(3, 2))
+    >>> y, _ = apply_fn(init_fn(jax.random.key(0)), None, jnp.ones((1, 3)))
+    >>> y.shape
+    (1, 2)
+"""
+
+from metoryx import errors, initializers
+from metoryx._core.assign import assign_variables
+from metoryx._core.module import Module, module_label
+from metoryx._core.rng import PRNGKeys, next_rng_key
+from metoryx._core.transform import Transformed, apply, init, transform
+from metoryx._core.variables import Parameter, State, Variable
+from metoryx.nn.activations import (
+    celu,
+    elu,
+    gelu,
+    glu,
+    hard_tanh,
+    leaky_relu,
+    log_sigmoid,
+    log_softmax,
+    relu,
+    relu6,
+    selu,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    swish,
+    tanh,
+)
+from metoryx.nn.conv import Conv
+from metoryx.nn.dropout import dropout
+from metoryx.nn.linear import Dense
+from metoryx.nn.normalization import BatchNorm
+from metoryx.nn.pooling import avg_pool, max_pool, min_pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "Conv",
+    "Dense",
+    "Module",
+    "PRNGKeys",
+    "Parameter",
+    "State",
+    "Transformed",
+    "Variable",
+    "apply",
+    "assign_variables",
+    "avg_pool",
+    "celu",
+    "dropout",
+    "elu",
+    "errors",
+    "gelu",
+    "glu",
+    "hard_tanh",
+    "init",
+    "initializers",
+    "leaky_relu",
+    "log_sigmoid",
+    "log_softmax",
+    "max_pool",
+    "min_pool",
+    "module_label",
+    "next_rng_key",
+    "relu",
+    "relu6",
+    "selu",
+    "sigmoid",
+    "silu",
+    "softmax",
+    "softplus",
+    "swish",
+    "tanh",
+    "transform",
+]

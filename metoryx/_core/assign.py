@@ -1,0 +1,96 @@
+"""Back to the definition world: a copy of a model whose variables start from given arrays."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import jax.numpy as jnp
+
+from metoryx import errors
+from metoryx._core.module import Module
+from metoryx._core.paths import flatten_variables, path_str
+from metoryx._core.transform import mismatch_report
+from metoryx._core.tree import walk
+
+M = TypeVar("M", bound=Module)
+
+
+def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True) -> M:
+    """A copy of ``model`` whose variables carry the arrays of ``variables`` as starting values.
+
+    This is the way back from the execution world: train, assign, edit the model (replace the
+    head, add layers), transform again. The original model is never modified, also when an
+    error is raised. Arrays are cast to each variable's dtype; shapes must match.
+
+    Args:
+        model: the definition-world model.
+        variables: a nested dict as ``init_fn``/``apply_fn`` produce, ``{collection: {...}}``.
+        strict: if True, every variable of the model must get an array and every array must
+            be used. If False, variables without an array keep their initializer and unused
+            arrays are ignored; a :class:`~metoryx.errors.PartialAssignmentWarning` lists both.
+
+    Returns:
+        The modified copy.
+
+    Raises:
+        VariablesStructureError: with ``strict=True``, listing all missing and unused paths.
+        VariableShapeError: listing every path whose array has the wrong shape.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class Net(mx.Module):
+        ...     def __init__(self):
+        ...         self.body = mx.Dense(4, 8)
+        ...         self.head = mx.Dense(8, 2)
+        >>> trained = mx.init(Net())(jax.random.key(0))
+        >>> net = mx.assign_variables(Net(), trained)
+        >>> net.head = mx.Dense(8, 5)                      # a new head for a new task
+        >>> new = mx.init(net)(jax.random.key(1))
+        >>> bool(jnp.array_equal(new["params"]["body"]["kernel"], trained["params"]["body"]["kernel"]))
+        True
+    """
+    tree = walk(model)
+    if not isinstance(variables, Mapping):
+        raise errors.VariablesStructureError(
+            f"assign_variables expects the nested dict init_fn returns, e.g. "
+            f"{{'params': {{...}}}}; got {type(variables).__name__}."
+        )
+    given = flatten_variables(variables)
+    wanted = dict(tree.variables)
+    missing = [path_str(p) for p in wanted if p not in given]
+    unused = [path_str(p) for p in given if p not in wanted]
+    wrong = [
+        f"{path_str(p)}: expected {var.shape}, got {tuple(jnp.shape(given[p]))}"
+        for p, var in wanted.items()
+        if p in given and tuple(jnp.shape(given[p])) != var.shape
+    ]
+    if wrong:
+        raise errors.VariableShapeError(
+            "assign_variables: these arrays do not fit the model's variables:\n  "
+            + "\n  ".join(wrong)
+            + "\nThe model's layers must have the shapes the arrays were trained with; replace "
+            "the differing layers after assigning (with strict=False for the rest)."
+        )
+    if strict and (missing or unused):
+        raise errors.VariablesStructureError(mismatch_report(missing, unused))
+
+    memo: dict[int, Any] = {id(v._value): v._value for v in wanted.values() if v._value is not None}
+    result = copy.deepcopy(model, memo)
+    for path, var in wanted.items():
+        if path in given:
+            memo[id(var)].value = given[path]
+    if missing or unused:
+        warnings.warn(
+            errors.PartialAssignmentWarning(
+                f"assign_variables(strict=False): {len(missing)} variables kept their "
+                f"initializer ({', '.join(missing) or 'none'}); {len(unused)} arrays were not "
+                f"used ({', '.join(unused) or 'none'}).",
+                tuple(missing),
+                tuple(unused),
+            ),
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,307 @@
+"""``Module``: a plain mutable object in the definition world, a frozen view in the execution one.
+
+A definition-world module stores everything in its ``__dict__`` like any Python object. The
+snapshot that ``mx.transform`` makes is bound: its variable attributes are moved out of
+``__dict__`` into templates (see ``context.py``), so ``__getattr__``, which Python calls only
+for names missing from ``__dict__``, turns them into arrays from the running frame. Config
+attributes and sub-modules stay in ``__dict__`` and are read at plain attribute speed.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from metoryx import errors
+from metoryx._core.context import FRAMES, Slot
+from metoryx._core.paths import Path, key_str, path_str
+from metoryx._core.variables import Variable
+
+# The key under which a snapshot module keeps its Binding; never present in the definition world.
+_BINDING = "_mx_binding"
+
+
+class Binding(NamedTuple):
+    """What makes a snapshot module a view: its owner, its path and its templated attributes."""
+
+    owner: object
+    path: Path
+    templates: dict[str, Any]
+
+
+class Module:
+    """Base class of every model and layer.
+
+    A module is an ordinary Python object: assign sub-modules, variables
+    (:class:`~metoryx.Parameter`, :class:`~metoryx.State`), lists/tuples/dicts of them and any
+    configuration in ``__init__``; replace, add or delete them later as you like. Calling
+    ``super().__init__()`` is allowed and not required. ``mx.transform(model)`` snapshots the
+    module into pure functions; inside them, variable attributes read as ``jax.Array``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class MLP(mx.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layers = [mx.Dense(4, 8), mx.Dense(8, 2)]
+        ...     def __call__(self, x):
+        ...         return self.layers[1](mx.relu(self.layers[0](x)))
+        >>> init_fn, apply_fn = mx.transform(MLP())
+        >>> variables = init_fn(jax.random.key(0))
+        >>> variables["params"]["layers"]["0"]["kernel"].shape
+        (4, 8)
+        >>> y, _ = apply_fn(variables, None, jnp.ones((3, 4)))
+        >>> y.shape
+        (3, 2)
+    """
+
+    def __init__(self) -> None:
+        """Nothing to set up: a module's state is its attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names missing from __dict__: a snapshot's variable attributes.
+        binding = self.__dict__.get(_BINDING)
+        if binding is not None:
+            template = binding.templates.get(name)
+            if template is not None:
+                frame = FRAMES.get().get(binding.owner)
+                if frame is None:
+                    raise _outside_apply(self, name)
+                if type(template) is Slot:
+                    return frame.values[template.index]
+                return frame.read(template)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        binding = self.__dict__.get(_BINDING)
+        if binding is None:
+            object.__setattr__(self, name, value)
+            return
+        where = f"{module_label(self)}.{name}"
+        template = binding.templates.get(name)
+        if template is None:
+            raise errors.ImmutableModuleError(
+                f"Cannot set attribute {name!r} of {module_label(self)} inside apply_fn: the "
+                f"model is frozen while it runs, so that every call is a pure function. To keep "
+                f"a value across calls, declare it in __init__ as a mutable state, e.g. "
+                f"`self.{name} = mx.State('state', mx.initializers.zeros, shape)`, and assign "
+                f"it here; to pass a value between methods, return it instead."
+            )
+        frame = FRAMES.get().get(binding.owner)
+        if frame is None:
+            raise _outside_apply(self, name)
+        frame.write(where, template, value)
+
+    def __delattr__(self, name: str) -> None:
+        if _BINDING in self.__dict__:
+            raise errors.ImmutableModuleError(
+                f"Cannot delete attribute {name!r} of {module_label(self)} inside apply_fn: the "
+                f"model is frozen while it runs. Edit the model before mx.transform instead."
+            )
+        object.__delattr__(self, name)
+
+    def extra_repr(self) -> str:
+        """The configuration shown in ``print(model)``, e.g. ``"in_size=3, out_size=4"``.
+
+        Override it in layers; the default shows nothing.
+
+        Example:
+            >>> import metoryx as mx
+            >>> mx.Dense(3, 4).extra_repr()
+            'in_size=3, out_size=4, use_bias=True'
+        """
+        return ""
+
+    def __repr__(self) -> str:
+        lines = _repr_lines(self, (), {}, set())
+        return "\n".join([*lines, _count_line(self)])
+
+
+def module_label(module: Module) -> str:
+    """How error messages name a module: ``"Dense at 'fc1'"`` inside apply_fn, else ``"Dense"``.
+
+    Args:
+        module: any module.
+
+    Returns:
+        The class name, with the module's path when it is part of a running snapshot.
+
+    Example:
+        >>> import metoryx as mx
+        >>> mx.module_label(mx.Dense(2, 3))
+        'Dense'
+    """
+    binding = module.__dict__.get(_BINDING)
+    name = type(module).__name__
+    if binding is None:
+        return name
+    if not binding.path:
+        return f"{name} (root)"
+    return f"{name} at {path_str(binding.path)!r}"
+
+
+def calling_module_label() -> str | None:
+    """The label of the innermost bound module whose method is on the call stack.
+
+    Used on error paths only (a missing rng key inside a function such as ``dropout``), so the
+    happy path pays nothing for knowing which layer is running.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Module) and _BINDING in candidate.__dict__:
+            return module_label(candidate)
+        frame = frame.f_back
+    return None
+
+
+def _outside_apply(module: Module, name: str) -> errors.ApplyContextError:
+    return errors.ApplyContextError(
+        f"{module_label(module)}.{name} was read outside apply_fn. A transformed model's arrays "
+        f"exist only while apply_fn runs; call apply_fn(variables, rngs, ...) and do the work "
+        f"inside the model's methods."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: the modules and variables a module holds, in attribute order, with relative paths.
+
+_OPAQUE = (str, bytes, int, float, complex, bool, type(None), type, np.ndarray, np.generic,
+           jax.Array, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+           types.ModuleType)
+
+
+def iter_children(module: Module) -> Iterator[tuple[Path, Module | Variable]]:
+    """Yield ``(relative_path, child)`` for every Module and Variable held by ``module``.
+
+    Walks attributes in assignment order and lists, tuples and dicts inside them. Raises
+    :class:`~metoryx.errors.ModuleStructureError` for a module or variable hidden where paths
+    cannot reach (a set, a dict key that is not a str or int, a non-Module object) and for two
+    dict keys that would give the same path.
+    """
+    for name, value in vars(module).items():
+        if name != _BINDING:
+            yield from _scan(value, (name,), module)
+
+
+def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module | Variable]]:
+    if isinstance(value, (Module, Variable)):
+        yield path, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _scan(item, (*path, str(i)), owner)
+    elif isinstance(value, dict):
+        used: dict[str, Any] = {}
+        for key, item in value.items():
+            part = key_str(key)
+            if part is None:
+                if _holds_any(item):
+                    raise _hidden(owner, path, f"dict key {key!r} (only str and int keys make paths)")
+                continue
+            found = list(_scan(item, (*path, part), owner))
+            if found and part in used:
+                raise errors.ModuleStructureError(
+                    f"{type(owner).__name__}.{path_str(path)}: keys {used[part]!r} and {key!r} "
+                    f"both give the path {path_str((*path, part))!r}. Paths name variables in "
+                    f"checkpoints, so they must be unique: rename one key."
+                )
+            used[part] = key
+            yield from found
+    elif _holds_any(value):
+        raise _hidden(owner, path, f"a {type(value).__name__}")
+
+
+def _holds_any(value: Any, depth: int = 4) -> bool:
+    """Whether a Module or Variable sits inside ``value`` (a few levels deep)."""
+    if isinstance(value, (Module, Variable)):
+        return True
+    if depth == 0 or isinstance(value, _OPAQUE):
+        return False
+    if isinstance(value, dict):
+        items = list(value.values()) + list(value.keys())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    else:
+        attrs = getattr(value, "__dict__", None)
+        items = list(attrs.values()) if isinstance(attrs, dict) else []
+    return any(_holds_any(item, depth - 1) for item in items)
+
+
+def _hidden(owner: Module, path: Path, container: str) -> errors.ModuleStructureError:
+    return errors.ModuleStructureError(
+        f"{type(owner).__name__}.{path_str(path)}: a module or variable is held inside "
+        f"{container}, where metoryx cannot give it a path, so it would be silently left out "
+        f"of the variables. Hold modules and variables directly, or in lists, tuples or dicts "
+        f"with str or int keys (or make the holder an mx.Module)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# print(model)
+
+
+def _repr_lines(module: Module, path: Path, seen: dict[int, Path], stack: set[int]) -> list[str]:
+    seen[id(module)] = path
+    stack.add(id(module))
+    header = f"{type(module).__name__}("
+    extra = module.extra_repr()
+    body: list[str] = []
+    for rel, child in iter_children(module):
+        child_path = (*path, *rel)
+        name = f"({'/'.join(rel)}): "
+        if id(child) in stack:
+            body.append(f"{name}<cycle back to {path_str(seen[id(child)])!r}>")
+        elif id(child) in seen:
+            body.append(f"{name}<tied to {path_str(seen[id(child)])!r}>")
+        elif isinstance(child, Variable):
+            seen[id(child)] = child_path
+            body.append(name + repr(child))
+        else:
+            sub = _repr_lines(child, child_path, seen, stack)
+            body.extend([name + sub[0], *sub[1:]])
+    stack.discard(id(module))
+    if not body:
+        return [f"{header}{extra})"]
+    inner = ([extra] if extra else []) + body
+    return [header, *("  " + line for line in inner), ")"]
+
+
+def _count_line(module: Module) -> str:
+    counts: dict[str, list[int]] = {}
+    seen: set[int] = set()
+
+    def visit(m: Module) -> None:
+        seen.add(id(m))
+        for _, child in iter_children(m):
+            if id(child) in seen:
+                continue
+            if isinstance(child, Variable):
+                seen.add(id(child))
+                entry = counts.setdefault(child.collection, [0, 0])
+                size = int(np.prod(child.shape, dtype=np.int64))
+                entry[0] += size
+                entry[1] += size * child.dtype.itemsize
+            else:
+                visit(child)
+
+    visit(module)
+    if not counts:
+        return "No variables."
+    parts = [f"{n:,} {name} ({_bytes(b)})" for name, (n, b) in counts.items()]
+    return "Total: " + ", ".join(parts)
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

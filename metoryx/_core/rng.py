@@ -1,0 +1,171 @@
+"""Random keys: path-derived init keys and the named streams of ``apply_fn``.
+
+Init keys come from the root key and a 64-bit BLAKE2b hash of the variable's path, folded in as
+two 32-bit words. The hash does not depend on ``PYTHONHASHSEED``, the process or the order of the
+other variables, so editing one layer never moves another layer's start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metoryx import errors
+from metoryx._core.context import innermost_frame
+from metoryx._core.module import calling_module_label
+
+DEFAULT_STREAM = "default"
+
+
+def path_hash(path: Iterable[str]) -> tuple[int, int]:
+    """The stable 64-bit hash of a path, as two 32-bit words."""
+    digest = hashlib.blake2b("/".join(path).encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+def fold_in_path(key: jax.Array, path: Iterable[str]) -> jax.Array:
+    """``key`` folded with the 64-bit hash of ``path``: the key of one variable or stream."""
+    high, low = path_hash(path)
+    return jax.random.fold_in(jax.random.fold_in(key, high), low)
+
+
+def is_key(x: Any) -> bool:
+    """Whether ``x`` is a typed key or a legacy ``uint32[2]``/``uint32[4]`` key."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == np.uint32 and jnp.ndim(x) == 1 and jnp.shape(x)[0] in (2, 4)
+
+
+def as_root_key(key: Any) -> jax.Array:
+    """Check the key given to ``init_fn``; an int seed becomes ``jax.random.key(seed)``."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return jax.random.key(key)
+    if not is_key(key):
+        raise errors.RngsTypeError(
+            f"init_fn expects a random key, e.g. init_fn(jax.random.key(0)) or an int seed; "
+            f"got {_describe(key)}."
+        )
+    return key
+
+
+def parse_rngs(rngs: Any) -> dict[str, Any]:
+    """``None``, a key, or a dict of named keys -> ``{stream: key}``."""
+    if rngs is None:
+        return {}
+    if isinstance(rngs, Mapping):
+        bad = [f"{name!r}: {_describe(k)}" for name, k in rngs.items() if not is_key(k)]
+        if bad or not all(isinstance(name, str) for name in rngs):
+            raise errors.RngsTypeError(
+                f"rngs must map stream names (str) to keys; these entries are not: "
+                f"{', '.join(bad) or 'non-str names'}. Build it with "
+                f"mx.PRNGKeys(jax.random.key(0), dropout=jax.random.key(1))."
+            )
+        return dict(rngs)
+    if is_key(rngs):
+        return {DEFAULT_STREAM: rngs}
+    raise errors.RngsTypeError(
+        f"apply_fn's `rngs` must be None, a key (jax.random.key(0) or a legacy "
+        f"jax.random.PRNGKey(0)) or a dict of named keys (mx.PRNGKeys(key, dropout=key2)); "
+        f"got {_describe(rngs)}."
+    )
+
+
+def PRNGKeys(default: Any = None, **streams: Any) -> dict[str, Any]:  # noqa: N802 (a constructor)
+    """Named random streams for ``apply_fn``: ``{"default": default, **streams}``.
+
+    A layer that asks for a stream that is not given draws from a stream derived from
+    ``default`` (so one key is enough for dropout); give a stream its own key to control it
+    separately.
+
+    Args:
+        default: the key of the ``"default"`` stream, or ``None`` for none.
+        **streams: keys of named streams, e.g. ``dropout=jax.random.key(1)``.
+
+    Returns:
+        A plain dict (a PyTree that ``jax.jit`` and ``vmap`` see through).
+
+    Example:
+        >>> import jax, metoryx as mx
+        >>> rngs = mx.PRNGKeys(jax.random.key(0), dropout=jax.random.key(1))
+        >>> sorted(rngs)
+        ['default', 'dropout']
+    """
+    keys = dict(streams)
+    if default is not None:
+        keys[DEFAULT_STREAM] = default
+    parse_rngs(keys)
+    return keys
+
+
+def next_rng_key(stream: str | None = None) -> jax.Array:
+    """A fresh random key from a named stream of the running ``apply_fn``.
+
+    Each call returns a different key (the stream's key folded with a call counter), the same
+    ones on every run with the same ``rngs``. A stream not given to ``apply_fn`` is derived from
+    the ``"default"`` stream.
+
+    Args:
+        stream: the stream name, e.g. ``"dropout"``; ``None`` means ``"default"``.
+
+    Returns:
+        A key of the same kind (typed or legacy) as the one given to ``apply_fn``.
+
+    Raises:
+        ApplyContextError: when called outside ``apply_fn``.
+        MissingRngError: when ``apply_fn`` got no key for the stream, naming the calling layer.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class Noise(mx.Module):
+        ...     def __call__(self, x):
+        ...         return x + jax.random.normal(mx.next_rng_key("noise"), x.shape)
+        >>> _, apply_fn = mx.transform(Noise())
+        >>> y, _ = apply_fn({}, jax.random.key(0), jnp.zeros(3))
+        >>> y.shape
+        (3,)
+    """
+    name = DEFAULT_STREAM if stream is None else stream
+    found = innermost_frame()
+    if found is None:
+        raise errors.ApplyContextError(
+            f"mx.next_rng_key({name!r}) was called outside apply_fn. Random keys exist only "
+            f"while a transformed model runs; outside, use jax.random directly."
+        )
+    frame = found[1]
+    base = frame.streams.get(name)
+    if base is None:
+        base = frame.derived.get(name)
+    if base is None:
+        default = frame.streams.get(DEFAULT_STREAM)
+        if default is None:
+            raise _missing(name, frame.streams)
+        base = frame.derived[name] = fold_in_path(default, ("stream", name))
+    count = frame.counters.get(name, 0)
+    frame.counters[name] = count + 1
+    return jax.random.fold_in(base, count)
+
+
+def _missing(stream: str, given: Mapping[str, Any]) -> errors.MissingRngError:
+    where = calling_module_label() or "module code"
+    have = f"streams {sorted(given)}" if given else "rngs=None"
+    return errors.MissingRngError(
+        f"{where} needs a random key from stream {stream!r}, but apply_fn got {have} and no "
+        f"'default' key to derive it from. Pass a key: apply_fn(variables, jax.random.key(0), "
+        f"...), or name the stream: mx.PRNGKeys(key, {stream}=key2). For evaluation, turn the "
+        f"randomness off instead (e.g. is_training=False)."
+    )
+
+
+def _describe(x: Any) -> str:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return f"{type(x).__name__} {x!r}"
+    return f"{type(x).__name__} of dtype {dtype} and shape {jnp.shape(x)}"

@@ -1,0 +1,320 @@
+"""The bridge: ``transform`` snapshots a model into a pure ``init_fn`` and ``apply_fn``.
+
+All analysis happens once, here: the deep copy, the unique variables with their paths, the
+expected PyTree structure of ``variables`` and the order in which its leaves map to variables.
+A call then does a structure comparison, a shape/dtype loop over the leaves (at trace time only,
+under ``jax.jit``) and the model's own code.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metoryx import errors
+from metoryx._core.context import FRAMES, BoundVariable, Frame, Slot
+from metoryx._core.module import _BINDING, Binding, Module
+from metoryx._core.paths import flatten_variables, path_str, unflatten_variables
+from metoryx._core.rng import as_root_key, fold_in_path, parse_rngs
+from metoryx._core.tree import walk
+from metoryx._core.variables import Variable
+
+Method = str | Callable[..., Any] | None
+
+
+class Transformed(NamedTuple):
+    """The pure functions of a model: ``init(key) -> variables`` and
+    ``apply(variables, rngs, *args, **kwargs) -> (output, new_variables)``.
+
+    Example:
+        >>> import jax, metoryx as mx
+        >>> init_fn, apply_fn = mx.transform(mx.Dense(2, 3))
+        >>> isinstance(mx.transform(mx.Dense(2, 3)), mx.Transformed)
+        True
+    """
+
+    init: Callable[[Any], dict[str, Any]]
+    apply: Callable[..., tuple[Any, dict[str, Any]]]
+
+
+def transform(model: Module, method: Method = None) -> Transformed:
+    """Snapshot ``model`` into a pure ``init_fn`` and ``apply_fn``.
+
+    The model is deep-copied once, now: editing ``model`` afterwards does not change the
+    functions. ``init_fn(key)`` builds ``variables``, a nested dict ``{collection: {path...:
+    array}}``, without running the model; each variable's key is derived from ``key`` and a
+    stable hash of its path. ``apply_fn(variables, rngs, *args, **kwargs)`` runs the method and
+    returns ``(output, new_variables)``, where ``new_variables`` has the structure of
+    ``variables`` with mutable State updated. Both are pure: use them under ``jax.jit``,
+    ``grad``, ``vmap``, ``lax.scan`` and ``jax.checkpoint``.
+
+    Args:
+        model: the root module.
+        method: what ``apply_fn`` runs: ``None`` for ``model.__call__``, the name of another
+            method, a bound method of a module in the model, or a function
+            ``fn(module, *args, **kwargs)`` that receives the snapshot of ``model``.
+
+    Returns:
+        ``Transformed(init, apply)``, a NamedTuple that unpacks into the two functions.
+
+    Raises:
+        ModuleStructureError: when the model's attributes cannot be turned into paths.
+        MethodError: when ``method`` names a method the model does not have.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> model = mx.Dense(3, 2)
+        >>> init_fn, apply_fn = mx.transform(model)
+        >>> variables = init_fn(jax.random.key(0))
+        >>> jax.tree.map(jnp.shape, variables)
+        {'params': {'bias': (2,), 'kernel': (3, 2)}}
+        >>> y, new_variables = jax.jit(apply_fn)(variables, None, jnp.ones((4, 3)))
+        >>> y.shape
+        (4, 2)
+    """
+    snapshot = _Snapshot(model, method)
+    return Transformed(snapshot.init, snapshot.apply)
+
+
+def init(model: Module) -> Callable[[Any], dict[str, Any]]:
+    """``transform(model).init``: the pure function ``init_fn(key) -> variables``.
+
+    Example:
+        >>> import jax, metoryx as mx
+        >>> variables = mx.init(mx.Dense(3, 2))(jax.random.key(0))
+        >>> sorted(variables["params"])
+        ['bias', 'kernel']
+    """
+    return transform(model).init
+
+
+def apply(model: Module, method: Method = None) -> Callable[..., tuple[Any, dict[str, Any]]]:
+    """``transform(model, method).apply``: ``apply_fn(variables, rngs, *args, **kwargs)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> model = mx.Dense(3, 2)
+        >>> variables = mx.init(model)(jax.random.key(0))
+        >>> y, _ = mx.apply(model)(variables, None, jnp.ones((1, 3)))
+        >>> y.shape
+        (1, 2)
+    """
+    return transform(model, method).apply
+
+
+class _Snapshot:
+    """A frozen copy of a model and everything a call needs, computed once."""
+
+    def __init__(self, model: Module, method: Method):
+        tree = walk(model)
+        # Fixed values are immutable arrays: share them instead of copying device memory.
+        memo: dict[int, Any] = {
+            id(v._value): v._value for _, v in tree.variables if v._value is not None
+        }
+        try:
+            root = copy.deepcopy(model, memo)
+        except Exception as e:
+            raise errors.ModuleStructureError(
+                f"mx.transform deep-copies the model so that later edits cannot leak into the "
+                f"snapshot, and copying {type(model).__name__} failed: {e!r}. Keep objects "
+                f"that cannot be copied (locks, open files, live connections) out of modules, "
+                f"or give their class a __deepcopy__."
+            ) from e
+        self.root = root
+        self.variables = [BoundVariable(path, memo[id(v)]) for path, v in tree.variables]
+        slot_of = {id(b.variable): Slot(i) for i, b in enumerate(self.variables)}
+        for path, module in tree.modules:
+            _bind(memo[id(module)], Binding(self, path, {}), slot_of)
+
+        nested = unflatten_variables({b.path: i for i, b in enumerate(self.variables)})
+        self.leaf_slots, self.treedef = jax.tree_util.tree_flatten(nested)
+        self.shapes = [self.variables[i].variable.shape for i in self.leaf_slots]
+        self.mutable = any(b.variable.mutable for b in self.variables)
+        self.dtypes: dict[bool, list[Any]] = {}
+        self.fn = _resolve_method(model, root, method, memo)
+
+    # -- init ------------------------------------------------------------------------------
+
+    def init(self, key: Any) -> dict[str, Any]:
+        """Create ``variables`` from ``key``: fixed values as set, the rest from initializers."""
+        key = as_root_key(key)
+        arrays = [self._init_one(key, bound) for bound in self.variables]
+        return jax.tree_util.tree_unflatten(self.treedef, [arrays[i] for i in self.leaf_slots])
+
+    def _init_one(self, key: jax.Array, bound: BoundVariable) -> jax.Array:
+        var = bound.variable
+        dtype = jax.dtypes.canonicalize_dtype(var.dtype)
+        if var._value is not None:
+            return jnp.asarray(var._value, dtype=dtype)
+        try:
+            value = var.init(fold_in_path(key, bound.path), var.shape, dtype)
+        except Exception as e:
+            e.add_note(f"(raised by the initializer of {path_str(bound.path)}: {var!r})")
+            raise
+        shape = tuple(jnp.shape(value))
+        if shape != var.shape:
+            raise errors.VariableShapeError(
+                f"{path_str(bound.path)}: its initializer {var.init!r} returned shape {shape}, "
+                f"expected {var.shape}. An initializer must honor the `shape` it is given."
+            )
+        return jnp.asarray(value, dtype=dtype)
+
+    # -- apply -----------------------------------------------------------------------------
+
+    def apply(self, variables: Any, rngs: Any, /, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        """Run the model's method on ``variables``; return ``(output, new_variables)``."""
+        leaves, treedef = jax.tree_util.tree_flatten(variables)
+        if treedef != self.treedef:
+            leaves = self._leaves_from_other_structure(variables)
+        dtypes = self.dtypes.get(jax.config.jax_enable_x64) or self._dtypes()
+        values: list[Any] = [None] * len(leaves)
+        for i, (leaf, shape, dtype) in enumerate(zip(leaves, self.shapes, dtypes, strict=True)):
+            if not isinstance(leaf, jax.Array):
+                leaf = jnp.asarray(leaf)
+            if leaf.shape != shape or leaf.dtype != dtype:
+                raise self._leaf_error(self.leaf_slots[i], leaf, dtype)
+            values[self.leaf_slots[i]] = leaf
+        if self.fn is None:
+            raise errors.MethodError(
+                f"{type(self.root).__name__} defines no __call__, so apply_fn has nothing to "
+                f"run. Pass the method to run: mx.transform(model, method='encode') or "
+                f"method=lambda m, x: m.encode(x)."
+            )
+        frame = Frame(self.variables, values, parse_rngs(rngs))
+        frames = dict(FRAMES.get())
+        frames.pop(self, None)
+        frames[self] = frame
+        token = FRAMES.set(frames)
+        try:
+            out = self.fn(*args, **kwargs)
+        finally:
+            FRAMES.reset(token)
+        if not self.mutable:
+            return out, variables
+        updated = [frame.values[i] for i in self.leaf_slots]
+        return out, jax.tree_util.tree_unflatten(self.treedef, updated)
+
+    def _dtypes(self) -> list[Any]:
+        dtypes = [
+            jax.dtypes.canonicalize_dtype(self.variables[i].variable.dtype)
+            for i in self.leaf_slots
+        ]
+        self.dtypes[jax.config.jax_enable_x64] = dtypes
+        return dtypes
+
+    def _leaves_from_other_structure(self, variables: Any) -> list[Any]:
+        """Leaves in our order from any mapping with exactly our paths; else a full report."""
+        if not isinstance(variables, Mapping):
+            raise errors.VariablesStructureError(
+                f"apply_fn expects `variables` as the nested dict init_fn returns, e.g. "
+                f"{{'params': {{...}}}}; got {type(variables).__name__}."
+            )
+        given = flatten_variables(variables)
+        expected = {b.path: b for b in self.variables}
+        missing = [path_str(p) for p in expected if p not in given]
+        unexpected = [path_str(p) for p in given if p not in expected]
+        if missing or unexpected:
+            raise errors.VariablesStructureError(mismatch_report(missing, unexpected))
+        return [given[self.variables[i].path] for i in self.leaf_slots]
+
+    def _leaf_error(self, slot: int, leaf: Any, dtype: Any) -> Exception:
+        bound = self.variables[slot]
+        var = bound.variable
+        what = f"{path_str(bound.path)} ({type(var).__name__})"
+        if leaf.shape != var.shape:
+            return errors.VariableShapeError(
+                f"{what}: expected shape {var.shape}, got {leaf.shape}. The variables do not "
+                f"match this model; re-create them with init_fn, or convert the checkpoint."
+            )
+        return errors.VariableDtypeError(
+            f"{what}: expected dtype {jnp.dtype(dtype).name}, got {leaf.dtype.name}. Cast "
+            f"it (jax.tree.map(lambda a: a.astype(...), variables)) or declare the variable "
+            f"with the dtype you store (param_dtype=... on the layer)."
+        )
+
+
+def _bind(module: Module, binding: Binding, slot_of: dict[int, Slot]) -> None:
+    """Turn a deep-copied module into a snapshot view: variable attributes become templates."""
+    attrs = module.__dict__
+    for name, value in list(attrs.items()):
+        template = _template(value, slot_of)
+        if template is not value:
+            binding.templates[name] = template
+            del attrs[name]
+    attrs[_BINDING] = binding
+
+
+def _template(value: Any, slot_of: dict[int, Slot]) -> Any:
+    """``value`` with each Variable replaced by its Slot; ``value`` itself if it holds none."""
+    if isinstance(value, Variable):
+        return slot_of[id(value)]
+    if isinstance(value, (list, tuple)):
+        items = [_template(v, slot_of) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        entries = {k: _template(v, slot_of) for k, v in value.items()}
+        if all(entries[k] is v for k, v in value.items()):
+            return value
+        return entries
+    return value
+
+
+def _resolve_method(
+    model: Module, root: Module, method: Method, memo: dict[int, Any]
+) -> Callable[..., Any] | None:
+    """The callable that apply_fn runs, bound to the snapshot."""
+    if method is None:
+        return root.__call__ if callable(root) else None
+    if isinstance(method, str):
+        if not hasattr(type(root), method):
+            public = sorted(
+                n for n, v in inspect.getmembers(type(root), callable)
+                if not n.startswith("_") and n != "extra_repr"
+            )
+            raise errors.MethodError(
+                f"{type(model).__name__} has no method {method!r}; its methods are "
+                f"{public or 'none besides __call__'}. Pass one of them, or a function "
+                f"fn(module, *args, **kwargs)."
+            )
+        return getattr(root, method)
+    if inspect.ismethod(method) and isinstance(method.__self__, Module):
+        # A bound method of the definition-world model (or a sub-module): rebind it to the copy.
+        target = memo.get(id(method.__self__))
+        if target is None:
+            raise errors.MethodError(
+                f"method={method.__qualname__} is bound to a module that is not part of "
+                f"{type(model).__name__}. Pass a method of the model or one of its sub-modules."
+            )
+        return getattr(target, method.__name__)
+    if callable(method):
+        return partial(method, root)
+    raise errors.MethodError(
+        f"`method` must be None, a method name, or a function fn(module, *args, **kwargs); got "
+        f"{type(method).__name__}."
+    )
+
+
+def mismatch_report(missing: list[str], unexpected: list[str]) -> str:
+    """The text of a missing/unexpected-paths error, shared with assign_variables."""
+    lines = ["The variables do not match the model."]
+    if missing:
+        lines.append(f"Missing ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+        lines.append(f"Unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+    lines.append(
+        "Create them with this model's init_fn, or load a checkpoint saved from the same "
+        "architecture; for a partial match use mx.assign_variables(model, variables, "
+        "strict=False) and transform again."
+    )
+    return "\n".join(lines)
+

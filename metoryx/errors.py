@@ -1,0 +1,264 @@
+"""Every exception and warning metoryx raises.
+
+Each class subclasses :class:`MetoryxError` and the builtin that matches the mistake, so both
+``except mx.errors.MetoryxError`` and ``except ValueError`` catch it. Messages say four things:
+where (the module or variable path), what was expected, what was given, and what to do.
+
+Example:
+    >>> import metoryx as mx
+    >>> p = mx.Parameter(mx.initializers.zeros, (2, 3))
+    >>> try:
+    ...     p.value = [1.0, 2.0]
+    ... except mx.errors.VariableShapeError as e:
+    ...     print(type(e).__mro__[2].__name__)
+    ValueError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ApplyContextError",
+    "ImmutableModuleError",
+    "InputShapeError",
+    "LayerConfigError",
+    "MethodError",
+    "MetoryxError",
+    "MissingRngError",
+    "ModuleStructureError",
+    "PartialAssignmentWarning",
+    "RngsTypeError",
+    "UnsetValueError",
+    "VariableDefinitionError",
+    "VariableDtypeError",
+    "VariableShapeError",
+    "VariablesStructureError",
+]
+
+
+class MetoryxError(Exception):
+    """Base class of every error metoryx raises on purpose.
+
+    Example:
+        >>> import metoryx as mx
+        >>> issubclass(mx.errors.VariableShapeError, mx.errors.MetoryxError)
+        True
+    """
+
+
+class ModuleStructureError(MetoryxError, TypeError):
+    """The model's attribute tree cannot be turned into variable paths.
+
+    Raised by :func:`metoryx.transform` for a cycle of modules, two container keys that give the
+    same path (``{1: a, "1": b}``), or a variable or module hidden where metoryx does not look (a
+    set, or an object that is not a :class:`metoryx.Module`).
+
+    Example:
+        >>> import metoryx as mx
+        >>> class M(mx.Module):
+        ...     def __init__(self):
+        ...         self.layers = {mx.Dense(2, 2)}
+        >>> try:
+        ...     mx.transform(M())
+        ... except mx.errors.ModuleStructureError as e:
+        ...     print("set" in str(e))
+        True
+    """
+
+
+class VariableDefinitionError(MetoryxError, TypeError):
+    """A :class:`metoryx.Parameter` or :class:`metoryx.State` was described with bad arguments.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.Parameter("zeros", (2,))
+        ... except mx.errors.VariableDefinitionError as e:
+        ...     print("initializer" in str(e))
+        True
+    """
+
+
+class VariableShapeError(MetoryxError, ValueError):
+    """An array has a different shape from the variable it is meant for.
+
+    Example:
+        >>> import metoryx as mx, jax.numpy as jnp
+        >>> p = mx.Parameter(mx.initializers.zeros, (2, 3))
+        >>> try:
+        ...     p.value = jnp.zeros((3, 2))
+        ... except mx.errors.VariableShapeError as e:
+        ...     print("(2, 3)" in str(e) and "(3, 2)" in str(e))
+        True
+    """
+
+
+class VariableDtypeError(MetoryxError, TypeError):
+    """An array passed to ``apply_fn`` has a different dtype from the variable it is meant for.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> init_fn, apply_fn = mx.transform(mx.Dense(2, 2))
+        >>> v = init_fn(jax.random.key(0))
+        >>> v["params"]["kernel"] = v["params"]["kernel"].astype(jnp.int32)
+        >>> try:
+        ...     apply_fn(v, None, jnp.ones((1, 2)))
+        ... except mx.errors.VariableDtypeError as e:
+        ...     print("params/kernel" in str(e))
+        True
+    """
+
+
+class UnsetValueError(MetoryxError, ValueError):
+    """``Variable.value`` was read, but no starting value was fixed: ``init_fn`` makes it.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.Parameter(mx.initializers.zeros, (2,)).value
+        ... except mx.errors.UnsetValueError as e:
+        ...     print("init_fn" in str(e))
+        True
+    """
+
+
+class VariablesStructureError(MetoryxError, KeyError):
+    """A ``variables`` dict has missing or unexpected paths; the message lists all of them.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> init_fn, apply_fn = mx.transform(mx.Dense(2, 2))
+        >>> v = init_fn(jax.random.key(0))
+        >>> del v["params"]["bias"]
+        >>> try:
+        ...     apply_fn(v, None, jnp.ones((1, 2)))
+        ... except mx.errors.VariablesStructureError as e:
+        ...     print("params/bias" in str(e))
+        True
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the whole message.
+        return str(self.args[0]) if self.args else ""
+
+
+class ImmutableModuleError(MetoryxError, AttributeError):
+    """An attribute other than a mutable :class:`metoryx.State` was assigned inside apply.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class Counter(mx.Module):
+        ...     def __call__(self, x):
+        ...         self.calls = 1
+        ...         return x
+        >>> _, apply_fn = mx.transform(Counter())
+        >>> try:
+        ...     apply_fn({}, None, jnp.ones(2))
+        ... except mx.errors.ImmutableModuleError as e:
+        ...     print("mx.State" in str(e))
+        True
+    """
+
+
+class MissingRngError(MetoryxError, ValueError):
+    """A layer asked for a random key, but ``apply_fn`` was given none for that stream.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> class Noisy(mx.Module):
+        ...     def __call__(self, x):
+        ...         return mx.dropout(x, 0.5, is_training=True)
+        >>> _, apply_fn = mx.transform(Noisy())
+        >>> try:
+        ...     apply_fn({}, None, jnp.ones(4))
+        ... except mx.errors.MissingRngError as e:
+        ...     print("dropout" in str(e))
+        True
+    """
+
+
+class RngsTypeError(MetoryxError, TypeError):
+    """``rngs`` was not ``None``, a key, or a dict of named keys.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> _, apply_fn = mx.transform(mx.Dense(2, 2))
+        >>> try:
+        ...     apply_fn({}, 0, jnp.ones((1, 2)))
+        ... except mx.errors.RngsTypeError as e:
+        ...     print("jax.random.key" in str(e))
+        True
+    """
+
+
+class ApplyContextError(MetoryxError, RuntimeError):
+    """Something that only works inside ``apply_fn`` was used outside it.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.next_rng_key()
+        ... except mx.errors.ApplyContextError as e:
+        ...     print("apply_fn" in str(e))
+        True
+    """
+
+
+class MethodError(MetoryxError, AttributeError):
+    """The method to run in ``apply_fn`` does not exist on the model.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.transform(mx.Dense(2, 2), method="encode")
+        ... except mx.errors.MethodError as e:
+        ...     print("encode" in str(e))
+        True
+    """
+
+
+class LayerConfigError(MetoryxError, ValueError):
+    """A layer was built with arguments that cannot work together.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.Conv(3, 8, kernel_size=(3, 3), groups=2)
+        ... except mx.errors.LayerConfigError as e:
+        ...     print("groups" in str(e))
+        True
+    """
+
+
+class InputShapeError(MetoryxError, ValueError):
+    """A layer was called on an input whose shape it cannot take.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> init_fn, apply_fn = mx.transform(mx.Dense(3, 2))
+        >>> try:
+        ...     apply_fn(init_fn(jax.random.key(0)), None, jnp.ones((1, 4)))
+        ... except mx.errors.InputShapeError as e:
+        ...     print("in_size=3" in str(e))
+        True
+    """
+
+
+class PartialAssignmentWarning(UserWarning):
+    """``assign_variables(..., strict=False)`` left variables unset or arrays unused.
+
+    The lists are on the warning: ``.missing`` (model paths that got no array) and ``.unused``
+    (given paths the model does not have), each a tuple of ``"collection/a/b"`` strings.
+
+    Example:
+        >>> import warnings, jax, metoryx as mx
+        >>> model = mx.Dense(2, 2)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = mx.assign_variables(model, {"params": {}}, strict=False)
+        >>> caught[0].message.missing
+        ('params/kernel', 'params/bias')
+    """
+
+    def __init__(self, message: str, missing: tuple[str, ...], unused: tuple[str, ...]):
+        super().__init__(message)
+        self.missing = missing
+        self.unused = unused
