@@ -292,7 +292,10 @@ def _count_line(module: Module) -> str:
     visit(module)
     if not counts:
         return "No variables."
-    parts = [f"{n:,} {name} ({_bytes(b)})" for name, (n, b) in counts.items()]
+    parts = [
+        f"{n:,} {'parameters' if name == 'params' else name + ' values'} ({_bytes(b)})"
+        for name, (n, b) in counts.items()
+    ]
     return "Total: " + ", ".join(parts)
 
 
