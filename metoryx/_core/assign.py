@@ -49,7 +49,8 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
         >>> net = mx.assign_variables(Net(), trained)
         >>> net.head = mx.Dense(8, 5)                      # a new head for a new task
         >>> new = mx.init(net)(jax.random.key(1))
-        >>> bool(jnp.array_equal(new["params"]["body"]["kernel"], trained["params"]["body"]["kernel"]))
+        >>> body, trained_body = new["params"]["body"], trained["params"]["body"]
+        >>> bool(jnp.array_equal(body["kernel"], trained_body["kernel"]))
         True
     """
     tree = walk(model)

@@ -171,9 +171,23 @@ def _outside_apply(module: Module, name: str) -> errors.ApplyContextError:
 # ---------------------------------------------------------------------------------------------
 # Children: the modules and variables a module holds, in attribute order, with relative paths.
 
-_OPAQUE = (str, bytes, int, float, complex, bool, type(None), type, np.ndarray, np.generic,
-           jax.Array, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-           types.ModuleType)
+_OPAQUE = (
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    type,
+    np.ndarray,
+    np.generic,
+    jax.Array,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.ModuleType,
+)
 
 
 def iter_children(module: Module) -> Iterator[tuple[Path, Module | Variable]]:
@@ -201,7 +215,9 @@ def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module 
             part = key_str(key)
             if part is None:
                 if _holds_any(item):
-                    raise _hidden(owner, path, f"dict key {key!r} (only str and int keys make paths)")
+                    raise _hidden(
+                        owner, path, f"dict key {key!r} (only str and int keys make paths)"
+                    )
                 continue
             found = list(_scan(item, (*path, part), owner))
             if found and part in used:

@@ -14,7 +14,7 @@ Path = tuple[str, ...]
 
 
 def path_str(path: Iterable[str]) -> str:
-    """``("params", "fc1", "kernel")`` -> ``"params/fc1/kernel"``; the root path reads ``<root>``."""
+    """``("params", "fc1", "kernel")`` -> ``"params/fc1/kernel"``; the empty path is ``<root>``."""
     text = "/".join(path)
     return text or "<root>"
 

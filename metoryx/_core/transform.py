@@ -172,7 +172,7 @@ class _Snapshot:
         leaves, treedef = jax.tree_util.tree_flatten(variables)
         if treedef != self.treedef:
             leaves = self._leaves_from_other_structure(variables)
-        dtypes = self.dtypes.get(jax.config.jax_enable_x64) or self._dtypes()
+        dtypes = self.dtypes.get(jax.config.read("jax_enable_x64")) or self._dtypes()
         values: list[Any] = [None] * len(leaves)
         for i, (leaf, shape, dtype) in enumerate(zip(leaves, self.shapes, dtypes, strict=True)):
             if not isinstance(leaf, jax.Array):
@@ -202,10 +202,9 @@ class _Snapshot:
 
     def _dtypes(self) -> list[Any]:
         dtypes = [
-            jax.dtypes.canonicalize_dtype(self.variables[i].variable.dtype)
-            for i in self.leaf_slots
+            jax.dtypes.canonicalize_dtype(self.variables[i].variable.dtype) for i in self.leaf_slots
         ]
-        self.dtypes[jax.config.jax_enable_x64] = dtypes
+        self.dtypes[jax.config.read("jax_enable_x64")] = dtypes
         return dtypes
 
     def _leaves_from_other_structure(self, variables: Any) -> list[Any]:
@@ -278,7 +277,8 @@ def _resolve_method(
     if isinstance(method, str):
         if not hasattr(type(root), method):
             public = sorted(
-                n for n, v in inspect.getmembers(type(root), callable)
+                n
+                for n, v in inspect.getmembers(type(root), callable)
                 if not n.startswith("_") and n != "extra_repr"
             )
             raise errors.MethodError(
@@ -317,4 +317,3 @@ def mismatch_report(missing: list[str], unexpected: list[str]) -> str:
         "strict=False) and transform again."
     )
     return "\n".join(lines)
-

@@ -155,7 +155,9 @@ class Parameter(Variable):
         dtype('float32')
     """
 
-    def __init__(self, init: Initializer, shape: Sequence[int], dtype: Any = jnp.float32, **metadata: Any):
+    def __init__(
+        self, init: Initializer, shape: Sequence[int], dtype: Any = jnp.float32, **metadata: Any
+    ):
         super().__init__("params", init, shape, dtype, mutable=False, **metadata)
 
     def __repr__(self) -> str:
