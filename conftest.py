@@ -14,5 +14,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def getkey():
     """Hands out a fresh, deterministic key per call: ``k = getkey()``."""
-    keys = iter(jax.random.split(jax.random.key(1234), 10_000))
-    return lambda: next(keys)
+    base = jax.random.key(1234)
+    counter = iter(range(1 << 30))
+    return lambda: jax.random.fold_in(base, next(counter))

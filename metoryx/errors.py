@@ -5,10 +5,10 @@ Each class subclasses :class:`MetoryxError` and the builtin that matches the mis
 where (the module or variable path), what was expected, what was given, and what to do.
 
 Example:
-    >>> import metoryx as mx
+    >>> import jax.numpy as jnp, metoryx as mx
     >>> p = mx.Parameter(mx.initializers.zeros, (2, 3))
     >>> try:
-    ...     p.value = [1.0, 2.0]
+    ...     p.value = jnp.ones(2)
     ... except mx.errors.VariableShapeError as e:
     ...     print(type(e).__mro__[2].__name__)
     ValueError
@@ -180,9 +180,9 @@ class RngsTypeError(MetoryxError, TypeError):
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx
-        >>> _, apply_fn = mx.transform(mx.Dense(2, 2))
+        >>> init_fn, apply_fn = mx.transform(mx.Dense(2, 2))
         >>> try:
-        ...     apply_fn({}, 0, jnp.ones((1, 2)))
+        ...     apply_fn(init_fn(0), 0, jnp.ones((1, 2)))
         ... except mx.errors.RngsTypeError as e:
         ...     print("jax.random.key" in str(e))
         True

@@ -1,0 +1,1 @@
+"""Layers and layer functions, one topic per file; ``metoryx`` re-exports the public names."""

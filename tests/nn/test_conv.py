@@ -1,0 +1,207 @@
+"""Conv: PyTorch parity in 1, 2 and 3 dimensions, batch axes, the jaxpr of a hand-written
+convolution, dtypes and errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import metoryx as mx
+
+
+def _channels_last(ndim):
+    return (0, *range(2, ndim + 2), 1)
+
+
+def _kernel_layout(ndim):
+    # PyTorch (out, in / groups, *kernel) -> ours (*kernel, in / groups, out).
+    return (*range(2, ndim + 2), 1, 0)
+
+
+# (in_size, out_size, kernel_size, input spatial shape, our options, PyTorch options)
+CASES = {
+    "1d-stride-padding": (4, 6, 3, (9,), dict(strides=2, padding=1), dict(stride=2, padding=1)),
+    "2d-mixed": (
+        4,
+        6,
+        (3, 2),
+        (7, 6),
+        dict(strides=(2, 1), padding=(1, 0), dilation=(1, 2)),
+        dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+    ),
+    "2d-groups": (4, 6, 3, (5, 5), dict(groups=2, padding=1), dict(groups=2, padding=1)),
+    "2d-depthwise": (4, 8, 3, (6, 6), dict(groups=4, padding="VALID"), dict(groups=4)),
+    "2d-same": (3, 5, 3, (6, 6), dict(padding="SAME"), dict(padding="same")),
+    "3d": (
+        2,
+        4,
+        (2, 3, 2),
+        (4, 5, 3),
+        dict(strides=(1, 2, 1), padding=(1, 0, 1)),
+        dict(stride=(1, 2, 1), padding=(1, 0, 1)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_torch(torch, assert_matches_torch, kernel_bias_fn, case):
+    in_size, out_size, kernel_size, spatial, ours, theirs = CASES[case]
+    ndim = len(spatial)
+    kernel = (kernel_size,) * ndim if isinstance(kernel_size, int) else kernel_size
+    if ndim > 1 and isinstance(kernel_size, int):
+        kernel_size = kernel
+    groups = ours.get("groups", 1)
+    conv = getattr(torch.nn.functional, f"conv{ndim}d")
+    assert_matches_torch(
+        kernel_bias_fn(mx.Conv(in_size, out_size, kernel_size, **ours)),
+        lambda x, w, b: conv(x, w, b, **theirs),
+        [
+            torch.randn(2, in_size, *spatial),
+            torch.randn(out_size, in_size // groups, *kernel),
+            torch.randn(out_size),
+        ],
+        layouts=[_channels_last(ndim), _kernel_layout(ndim), None],
+        out_layout=_channels_last(ndim),
+    )
+
+
+def test_asymmetric_padding_matches_torch(torch, assert_matches_torch, kernel_bias_fn):
+    F = torch.nn.functional
+    assert_matches_torch(
+        kernel_bias_fn(mx.Conv(3, 4, (3, 3), padding=((1, 2), (0, 1)), use_bias=False)),
+        lambda x, w: F.conv2d(F.pad(x, (0, 1, 1, 2)), w),  # F.pad: last axis first
+        [torch.randn(2, 3, 5, 6), torch.randn(4, 3, 3, 3)],
+        layouts=[_channels_last(2), _kernel_layout(2)],
+        out_layout=_channels_last(2),
+    )
+
+
+def test_int_kernel_size_is_one_dimensional(numpy_init):
+    init_fn, apply_fn = mx.transform(mx.Conv(3, 4, 5))
+    variables = numpy_init(init_fn)
+    assert variables["params"]["kernel"].shape == (5, 3, 4)
+    y, _ = apply_fn(variables, None, jnp.ones((2, 10, 3)))
+    assert y.shape == (2, 10, 4)
+
+
+def test_kernel_shape_with_groups():
+    init_fn, _ = mx.transform(mx.Conv(6, 9, (3, 2), groups=3, use_bias=False))
+    shapes = jax.eval_shape(init_fn, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, shapes) == {"params": {"kernel": (3, 2, 2, 9)}}
+
+
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_any_number_of_batch_axes(numpy_init, batch):
+    init_fn, apply_fn = mx.transform(mx.Conv(3, 4, (3, 3), strides=2))
+    variables = numpy_init(init_fn)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((*batch, 6, 6, 3)), jnp.float32)
+    y, _ = apply_fn(variables, None, x)
+    flat, _ = apply_fn(variables, None, x.reshape(-1, 6, 6, 3))
+    assert y.shape == (*batch, 3, 3, 4)
+    np.testing.assert_allclose(y.reshape(flat.shape), flat, atol=1e-6)
+
+
+def _primitives(fn, *args):
+    return [(e.primitive.name, e.params.get("jaxpr")) for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns]
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_jaxpr_equals_hand_written(numpy_init, jitted_equations, ndim):
+    spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}[ndim]
+    layer = mx.Conv(4, 8, (3,) * ndim, strides=2, dilation=1)
+    init_fn, apply_fn = mx.transform(layer)
+    params = numpy_init(init_fn)["params"]
+    x = jnp.ones((2, *(8,) * ndim, 4))
+
+    def hand_written(params, x):
+        y = lax.conv_general_dilated(
+            x, params["kernel"], (2,) * ndim, "SAME", dimension_numbers=spec
+        )
+        with jax.numpy_rank_promotion("allow"):
+            return y + params["bias"]
+
+    ours = jitted_equations(lambda p, x: apply_fn({"params": p}, None, x)[0], params, x)
+    # Same primitives with the same parameters (layouts included: no transposes).
+    assert ours == jitted_equations(hand_written, params, x)
+    assert [name for name, _ in ours] == ["conv_general_dilated", "broadcast_in_dim", "add"]
+
+
+def test_computation_and_param_dtype(numpy_init):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 6, 3)), jnp.float32)
+    init_fn, apply_fn = mx.transform(mx.Conv(3, 4, (3, 3), dtype=jnp.bfloat16))
+    variables = numpy_init(init_fn)
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    y, _ = apply_fn(variables, None, x)
+    assert y.dtype == jnp.bfloat16
+    reference, _ = mx.transform(mx.Conv(3, 4, (3, 3)))[1](variables, None, x)
+    np.testing.assert_allclose(y.astype(jnp.float32), reference, atol=0.1, rtol=0.05)
+
+    init_fn, apply_fn = mx.transform(mx.Conv(3, 4, (3, 3), param_dtype=jnp.bfloat16))
+    variables = numpy_init(init_fn)
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+    y, _ = apply_fn(variables, None, x.astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+
+
+def test_groups_must_divide_both_sizes():
+    with pytest.raises(mx.errors.LayerConfigError) as info:
+        mx.Conv(4, 6, (3, 3), groups=4)
+    message = str(info.value)
+    assert "groups=4" in message and "in_size=4" in message and "out_size=6" in message
+    assert "groups=2 is the largest" in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kernel_size=()), "at least one spatial axis"),
+        (dict(kernel_size=(3, 0)), "positive int"),
+        (dict(strides=(1, 2, 1)), "2 ints"),
+        (dict(dilation=(1,)), "2 ints"),
+        (dict(padding="FULL"), "`padding` must be"),
+        (dict(padding=(1, 2, 3)), "`padding` must be"),
+        (dict(padding=((1, 2), (0, -1))), "non-negative"),
+        (dict(padding=((1, 2, 3), (0, 1))), "`padding` must be"),
+        (dict(padding=1.5), "`padding` must be"),
+        (dict(in_size=0), "positive int"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    config = dict(in_size=3, out_size=4, kernel_size=(3, 3)) | kwargs
+    with pytest.raises(mx.errors.LayerConfigError, match=match):
+        mx.Conv(**config)
+
+
+class _Net(mx.Module):
+    def __init__(self):
+        self.conv = mx.Conv(3, 4, (3, 3), padding="VALID")
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((2, 8, 8, 5), ["in_size=3", "(2, 8, 8, 5)", "channels last"]),
+        ((8, 3), ["2 spatial axes", "(8, 3)"]),
+        ((2, 2, 8, 3), ["spatial axis 0", "size 2", "extent 3", 'padding="SAME"']),
+    ],
+)
+def test_bad_input_shape(numpy_init, shape, expected):
+    init_fn, apply_fn = mx.transform(_Net())
+    with pytest.raises(mx.errors.InputShapeError) as info:
+        apply_fn(numpy_init(init_fn), None, jnp.ones(shape))
+    assert "Conv at 'conv'" in str(info.value)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_repr():
+    assert mx.Conv(3, 4, (3, 3)).extra_repr() == "in_size=3, out_size=4, kernel_size=(3, 3)"
+    layer = mx.Conv(4, 4, 3, strides=2, padding="VALID", groups=4, use_bias=False)
+    assert layer.extra_repr() == (
+        "in_size=4, out_size=4, kernel_size=(3,), strides=(2,), padding='VALID', groups=4, "
+        "use_bias=False"
+    )
