@@ -1,11 +1,9 @@
-"""Conv: N-dimensional convolution over channels-last inputs, and the window-argument rules
-that pooling shares."""
+"""Conv: N-dimensional convolution over channels-last inputs."""
 
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -15,104 +13,16 @@ from jax import lax
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Initializer, Parameter
-from metoryx.nn.linear import (
-    _DEFAULT_KERNEL_INIT,
-    _add_bias,
-    _cast,
-    _compute_dtype,
-    _positive_int,
+from metoryx.nn._arguments import (
+    PaddingLike,
+    check_window_fits,
+    parse_padding,
+    positive_int,
+    window_sizes,
 )
+from metoryx.nn._compute import add_bias, cast, compute_dtype
 
-#: ``"SAME"``, ``"VALID"``, one int for every side, one int per spatial axis, or one
-#: ``(low, high)`` pair per spatial axis.
-PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
-
-_PADDING_HELP = (
-    '"SAME", "VALID", an int p (p on both sides of every spatial axis), one int per spatial '
-    "axis, or one (low, high) pair per spatial axis"
-)
-
-
-def _window_sizes(layer: str, name: str, value: Any, ndim: int | None) -> tuple[int, ...]:
-    """An int or a sequence of positive ints as an ``ndim``-tuple (an int means one axis when
-    ``ndim`` is None, i.e. when ``value`` is the kernel size that fixes the dimensionality)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        sizes: tuple[Any, ...] = (value,) * (1 if ndim is None else ndim)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        sizes = tuple(value)
-    else:
-        sizes = (value,)
-    if ndim is not None and len(sizes) != ndim:
-        raise errors.LayerConfigError(
-            f"{layer}: `{name}` must be an int or {ndim} ints (one per spatial axis of the "
-            f"{ndim}-d kernel_size), got {value!r}."
-        )
-    if not sizes:
-        raise errors.LayerConfigError(
-            f"{layer}: `{name}` must name at least one spatial axis, got {value!r}. Use e.g. "
-            f"{name}=(3, 3) for a 2-d window."
-        )
-    return tuple(_positive_int(layer, name, size) for size in sizes)
-
-
-def _padding(layer: str, value: Any, ndim: int) -> str | tuple[tuple[int, int], ...]:
-    """``"SAME"``/``"VALID"`` or one ``(low, high)`` pair of non-negative ints per axis."""
-    if isinstance(value, str) and value.upper() in ("SAME", "VALID"):
-        return value.upper()
-    try:
-        if isinstance(value, Sequence):
-            pads = tuple(_pad_pair(p) for p in value)
-        else:
-            pads = (_pad_pair(value),) * ndim
-    except TypeError:
-        pads = ()
-    if len(pads) != ndim or any(len(p) != 2 or min(p) < 0 for p in pads):
-        raise errors.LayerConfigError(
-            f"{layer}: `padding` must be {_PADDING_HELP}, for {ndim} spatial axes and with "
-            f"non-negative sizes; got {value!r}."
-        )
-    return pads
-
-
-def _pad_pair(value: Any) -> tuple[int, ...]:
-    """``p`` as ``(p, p)``, a pair as itself; TypeError for anything but ints."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(_strict_index(v) for v in value)
-    return (_strict_index(value),) * 2
-
-
-def _strict_index(value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(value)
-    return operator.index(value)
-
-
-def _check_window_fits(
-    label: Callable[[], str],
-    x_shape: tuple[int, ...],
-    window: tuple[int, ...],
-    dilation: tuple[int, ...],
-    padding: str | tuple[tuple[int, int], ...],
-) -> None:
-    """Raises an InputShapeError if a spatial axis, padded, is shorter than the window.
-
-    ``label()`` names the layer in the message; it is called on the error path only.
-    """
-    if padding == "SAME":
-        return
-    spatial = x_shape[len(x_shape) - len(window) - 1 : -1]
-    pads = ((0, 0),) * len(window) if padding == "VALID" else padding
-    for axis, (size, k, d, (lo, hi)) in enumerate(
-        zip(spatial, window, dilation, pads, strict=True)
-    ):
-        extent = (k - 1) * d + 1
-        if size + lo + hi < extent:
-            raise errors.InputShapeError(
-                f"{label()}: spatial axis {axis} of the input (shape {x_shape}) has size {size}, "
-                f"{size + lo + hi} with padding {(lo, hi)}, shorter than the window's extent "
-                f"{extent}. Give a larger input, a smaller window, or more padding "
-                f'(padding="SAME" always fits).'
-            )
+_DEFAULT_KERNEL_INIT = initializers.lecun_normal()
 
 
 def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -186,14 +96,14 @@ class Conv(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.in_size = _positive_int("Conv", "in_size", in_size)
-        self.out_size = _positive_int("Conv", "out_size", out_size)
-        self.kernel_size = _window_sizes("Conv", "kernel_size", kernel_size, None)
+        self.in_size = positive_int("Conv", "in_size", in_size)
+        self.out_size = positive_int("Conv", "out_size", out_size)
+        self.kernel_size = window_sizes("Conv", "kernel_size", kernel_size, None)
         ndim = len(self.kernel_size)
-        self.strides = _window_sizes("Conv", "strides", strides, ndim)
-        self.padding = _padding("Conv", padding, ndim)
-        self.dilation = _window_sizes("Conv", "dilation", dilation, ndim)
-        self.groups = _positive_int("Conv", "groups", groups)
+        self.strides = window_sizes("Conv", "strides", strides, ndim)
+        self.padding = parse_padding("Conv", padding, ndim)
+        self.dilation = window_sizes("Conv", "dilation", dilation, ndim)
+        self.groups = positive_int("Conv", "groups", groups)
         if self.in_size % self.groups or self.out_size % self.groups:
             raise errors.LayerConfigError(
                 f"Conv: groups={self.groups} must divide both in_size={self.in_size} and "
@@ -249,17 +159,17 @@ class Conv(Module):
                 f"{shape}. Put channels on the last axis (e.g. x.transpose(0, 2, 3, 1) for a "
                 f"PyTorch NCHW image), or build the layer with the right in_size/kernel_size."
             )
-        _check_window_fits(
+        check_window_fits(
             lambda: module_label(self), shape, self.kernel_size, self.dilation, self.padding
         )
-        dtype = _compute_dtype(self.dtype, x, self.kernel, self.bias)
+        dtype = compute_dtype(self.dtype, x, self.kernel, self.bias)
         # lax takes exactly one batch axis: flatten several, add one if there is none.
         batch = shape[: len(shape) - ndim - 1]
         if len(batch) != 1:
             x = jnp.reshape(x, (math.prod(batch), *shape[len(batch) :]))
         y = lax.conv_general_dilated(
-            _cast(x, dtype),
-            _cast(self.kernel, dtype),
+            cast(x, dtype),
+            cast(self.kernel, dtype),
             window_strides=self.strides,
             padding=self.padding,
             rhs_dilation=self.dilation,
@@ -268,4 +178,4 @@ class Conv(Module):
         )
         if len(batch) != 1:
             y = jnp.reshape(y, (*batch, *y.shape[1:]))
-        return y if self.bias is None else _add_bias(y, _cast(self.bias, dtype))
+        return y if self.bias is None else add_bias(y, cast(self.bias, dtype))

@@ -1,51 +1,20 @@
-"""Dense: the fully connected layer, and the dtype rule every layer shares."""
+"""Dense: the fully connected layer."""
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Initializer, Parameter
+from metoryx.nn._arguments import positive_int
+from metoryx.nn._compute import add_bias, cast, compute_dtype
 
 #: The default kernel initializer of Dense and Conv: ``initializers.lecun_normal()``.
 _DEFAULT_KERNEL_INIT = initializers.lecun_normal()
-
-
-def _compute_dtype(dtype: Any, *arrays: jax.Array | None) -> jnp.dtype:
-    """The dtype a layer computes in: ``dtype`` if given, else the promotion of ``arrays``.
-
-    The promotion uses JAX's standard lattice even under ``jax_numpy_dtype_promotion="strict"``:
-    the layer casts explicitly, so a bfloat16 parameter meeting a float32 input is a decision
-    made here (float32), not an implicit promotion.
-    """
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    dtypes = {a.dtype for a in arrays if a is not None}
-    if len(dtypes) == 1:
-        return dtypes.pop()
-    with jax.numpy_dtype_promotion("standard"):
-        return functools.reduce(jnp.promote_types, dtypes)
-
-
-def _cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """``x`` in ``dtype``, adding no operation to the program when it already is."""
-    return x if x.dtype == dtype else x.astype(dtype)
-
-
-def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """``y + bias`` over the last axis, as the implicit broadcast would trace it.
-
-    ``broadcast_to_rank`` keeps this working under ``jax_numpy_rank_promotion="raise"`` with
-    the same two equations (``broadcast_in_dim``, ``add``) as a hand-written ``y + bias``.
-    """
-    return y + lax.broadcast_to_rank(bias, y.ndim)
 
 
 class Dense(Module):
@@ -85,8 +54,8 @@ class Dense(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.in_size = _positive_int("Dense", "in_size", in_size)
-        self.out_size = _positive_int("Dense", "out_size", out_size)
+        self.in_size = positive_int("Dense", "in_size", in_size)
+        self.out_size = positive_int("Dense", "out_size", out_size)
         self.use_bias = use_bias
         self.dtype = dtype
         self.kernel = Parameter(kernel_init, (self.in_size, self.out_size), param_dtype)
@@ -115,20 +84,9 @@ class Dense(Module):
                 f"Reshape the input so its last axis holds the features, or build the layer "
                 f"with in_size equal to the input's last axis."
             )
-        dtype = _compute_dtype(self.dtype, x, self.kernel, self.bias)
-        y = _cast(x, dtype) @ _cast(self.kernel, dtype)
-        return y if self.bias is None else _add_bias(y, _cast(self.bias, dtype))
+        dtype = compute_dtype(self.dtype, x, self.kernel, self.bias)
+        y = cast(x, dtype) @ cast(self.kernel, dtype)
+        return y if self.bias is None else add_bias(y, cast(self.bias, dtype))
 
 
-def _positive_int(layer: str, name: str, value: Any) -> int:
-    """``value`` as an int if it is a positive integer, else a ``LayerConfigError``."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = 0
-    if isinstance(value, bool) or number < 1:
-        raise errors.LayerConfigError(
-            f"{layer}: `{name}` must be a positive int, got {value!r}. Pass a size such as "
-            f"{name}=64."
-        )
-    return number
+# END

@@ -13,7 +13,8 @@ from jax import lax
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Initializer, Parameter, State
-from metoryx.nn.linear import _cast, _compute_dtype, _positive_int
+from metoryx.nn._arguments import positive_int
+from metoryx.nn._compute import cast, compute_dtype
 
 
 class BatchNorm(Module):
@@ -86,7 +87,7 @@ class BatchNorm(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.size = _positive_int("BatchNorm", "size", size)
+        self.size = positive_int("BatchNorm", "size", size)
         if not 0.0 <= momentum <= 1.0:
             raise errors.LayerConfigError(
                 f"BatchNorm: `momentum` must be in [0, 1], got {momentum!r}. It is the weight "
@@ -133,25 +134,25 @@ class BatchNorm(Module):
                 f"features last (e.g. x.transpose(0, 2, 3, 1) for a PyTorch NCHW image), or "
                 f"build the layer with size equal to the input's last axis."
             )
-        dtype = _compute_dtype(self.dtype, x, self.scale, self.bias)
+        dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
         stats_dtype = _at_least_float32(dtype)
-        x_stats = _cast(x, stats_dtype)
+        x_stats = cast(x, stats_dtype)
         # Per-feature vectors take the rank of x (size-1 axes) to broadcast under
         # jax_numpy_rank_promotion="raise".
         feature_shape = (1,) * (len(shape) - 1) + (self.size,)
         if is_training:
             centered, var = self._center_with_batch_statistics(x_stats, shape)
         else:
-            mean = _cast(self.mean, stats_dtype).reshape(feature_shape)
-            var = _cast(self.var, stats_dtype).reshape(feature_shape)
+            mean = cast(self.mean, stats_dtype).reshape(feature_shape)
+            var = cast(self.var, stats_dtype).reshape(feature_shape)
             centered = x_stats - mean
         multiplier = lax.rsqrt(var + self.epsilon)
         if self.scale is not None:
-            multiplier = multiplier * _cast(self.scale, stats_dtype).reshape(feature_shape)
+            multiplier = multiplier * cast(self.scale, stats_dtype).reshape(feature_shape)
         y = centered * multiplier
         if self.bias is not None:
-            y = y + _cast(self.bias, stats_dtype).reshape(feature_shape)
-        return _cast(y, dtype)
+            y = y + cast(self.bias, stats_dtype).reshape(feature_shape)
+        return cast(y, dtype)
 
     def _center_with_batch_statistics(
         self, x: jax.Array, shape: tuple[int, ...]
@@ -178,8 +179,8 @@ class BatchNorm(Module):
             count = count * lax.axis_size(self.axis_name)
         m = self.momentum
         running_mean, running_var = self.mean, self.var
-        batch_mean = _cast(mean.reshape(self.size), running_mean.dtype)
-        unbiased_var = _cast((var * (count / (count - 1))).reshape(self.size), running_var.dtype)
+        batch_mean = cast(mean.reshape(self.size), running_mean.dtype)
+        unbiased_var = cast((var * (count / (count - 1))).reshape(self.size), running_var.dtype)
         self.mean = m * running_mean + (1 - m) * batch_mean
         self.var = m * running_var + (1 - m) * unbiased_var
         return centered, var

@@ -20,7 +20,7 @@ from jax import lax
 
 from metoryx import errors
 from metoryx._core.module import calling_module_label
-from metoryx.nn.conv import PaddingLike, _check_window_fits, _padding, _window_sizes
+from metoryx.nn._arguments import PaddingLike, check_window_fits, parse_padding, window_sizes
 
 
 class _Window:
@@ -34,12 +34,12 @@ class _Window:
         strides: int | Sequence[int] | None,
         padding: PaddingLike,
     ):
-        self.kernel_size = _window_sizes(name, "kernel_size", kernel_size, None)
+        self.kernel_size = window_sizes(name, "kernel_size", kernel_size, None)
         ndim = len(self.kernel_size)
         self.strides = (
-            self.kernel_size if strides is None else _window_sizes(name, "strides", strides, ndim)
+            self.kernel_size if strides is None else window_sizes(name, "strides", strides, ndim)
         )
-        padding = _padding(name, padding, ndim)
+        padding = parse_padding(name, padding, ndim)
         if len(shape) < ndim + 1:
             raise errors.InputShapeError(
                 f"{_label(name)}: expected an input of shape "
@@ -54,7 +54,7 @@ class _Window:
                 lax.padtype_to_pads(self.spatial, self.kernel_size, self.strides, padding)
             )
         self.padding = padding
-        _check_window_fits(lambda: _label(name), shape, self.kernel_size, (1,) * ndim, padding)
+        check_window_fits(lambda: _label(name), shape, self.kernel_size, (1,) * ndim, padding)
         # Window over every axis of x: size 1 (no pooling) on the batch and channel axes.
         self.batch_ndim = len(shape) - ndim - 1
         ones = (1,) * self.batch_ndim

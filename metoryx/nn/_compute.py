@@ -1,0 +1,40 @@
+"""The dtype rule every layer shares, and the bias add that traces like hand-written code."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def compute_dtype(dtype: Any, *arrays: jax.Array | None) -> jnp.dtype:
+    """The dtype a layer computes in: ``dtype`` if given, else the promotion of ``arrays``.
+
+    The promotion uses JAX's standard lattice even under ``jax_numpy_dtype_promotion="strict"``:
+    the layer casts explicitly, so a bfloat16 parameter meeting a float32 input is a decision
+    made here (float32), not an implicit promotion.
+    """
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    dtypes = {a.dtype for a in arrays if a is not None}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    with jax.numpy_dtype_promotion("standard"):
+        return functools.reduce(jnp.promote_types, dtypes)
+
+
+def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """``x`` in ``dtype``, adding no operation to the program when it already is."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` over the last axis, as the implicit broadcast would trace it.
+
+    ``broadcast_to_rank`` keeps this working under ``jax_numpy_rank_promotion="raise"`` with
+    the same two equations (``broadcast_in_dim``, ``add``) as a hand-written ``y + bias``.
+    """
+    return y + lax.broadcast_to_rank(bias, y.ndim)
