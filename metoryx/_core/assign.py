@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import jax.numpy as jnp
+import numpy as np
 
 from metoryx import errors
 from metoryx._core.module import Module
@@ -64,9 +64,9 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
     missing = [path_str(p) for p in wanted if p not in given]
     unused = [path_str(p) for p in given if p not in wanted]
     wrong = [
-        f"{path_str(p)}: expected {var.shape}, got {tuple(jnp.shape(given[p]))}"
+        f"{path_str(p)}: expected {var.shape}, got {tuple(np.shape(given[p]))}"
         for p, var in wanted.items()
-        if p in given and tuple(jnp.shape(given[p])) != var.shape
+        if p in given and tuple(np.shape(given[p])) != var.shape
     ]
     if wrong:
         raise errors.VariableShapeError(

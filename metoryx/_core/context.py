@@ -13,10 +13,13 @@ be applied inside another model's method (each snapshot finds its own frame).
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metoryx import errors
 from metoryx._core.paths import Path, path_str
@@ -48,17 +51,21 @@ class Frame:
         self.counters: dict[str, int] = {}
         self.derived: dict[str, Any] = {}
 
-    def read(self, template: Any) -> Any:
-        """The value of a templated attribute: arrays in place of the slots."""
+    def read(self, template: Any, where: str) -> Any:
+        """The value of a templated attribute: arrays in place of the slots.
+
+        Lists and dicts come back read-only (``where`` names them in the error): they are
+        built for this read, so an item assignment would be silently lost.
+        """
         if type(template) is Slot:
             return self.values[template.index]
         if isinstance(template, list):
-            return [self.read(t) for t in template]
+            return ReadOnlyList([self.read(t, where) for t in template], where)
         if isinstance(template, tuple):
-            items = [self.read(t) for t in template]
+            items = [self.read(t, where) for t in template]
             return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
         if isinstance(template, dict):
-            return {k: self.read(t) for k, t in template.items()}
+            return ReadOnlyDict({k: self.read(t, where) for k, t in template.items()}, where)
         return template
 
     def write(self, where: str, template: Any, value: Any) -> None:
@@ -82,7 +89,7 @@ class Frame:
                     f"with the same structure, changing only the mutable mx.State entries."
                 )
             for key, t in template.items():
-                self.write(f"{where}[{key!r}]", t, value[key])
+                self._write_entry(f"{where}[{key!r}]", t, value[key])
             return
         if not isinstance(value, (list, tuple)) or len(value) != len(template):
             raise errors.ImmutableModuleError(
@@ -91,7 +98,13 @@ class Frame:
                 f"with the same structure, changing only the mutable mx.State entries."
             )
         for i, (t, v) in enumerate(zip(template, value, strict=True)):
-            self.write(f"{where}[{i}]", t, v)
+            self._write_entry(f"{where}[{i}]", t, v)
+
+    def _write_entry(self, where: str, template: Any, value: Any) -> None:
+        """One entry of an assigned container: an entry passed back unchanged is no write."""
+        if type(template) is Slot and value is self.values[template.index]:
+            return
+        self.write(where, template, value)
 
     def _write_slot(self, where: str, index: int, value: Any) -> None:
         bound = self.variables[index]
@@ -104,7 +117,7 @@ class Frame:
                 f"after an optimizer step); for a value the model updates itself, declare it "
                 f"as mx.State(collection, init, shape) with mutable=True."
             )
-        shape = tuple(jnp.shape(value))
+        shape = tuple(np.shape(value))
         if shape != var.shape:
             raise errors.VariableShapeError(
                 f"{where} ({path_str(bound.path)}): a State keeps its shape; expected a value of "
@@ -113,9 +126,53 @@ class Frame:
         self.values[index] = jnp.asarray(value, dtype=jax.dtypes.canonicalize_dtype(var.dtype))
 
 
+def _refuse(self: ReadOnlyList | ReadOnlyDict, *args: Any, **kwargs: Any) -> None:
+    raise errors.ImmutableModuleError(
+        f"{self.where} holds variables and is read-only inside apply_fn: it is rebuilt on "
+        f"every read, so changing an item would be silently lost. To update its mutable "
+        f"mx.State entries, assign the whole container: `self.name = [...]` or `{{...}}` with "
+        f"the same structure."
+    )
+
+
+class ReadOnlyList(list):
+    """A list of variables' arrays read inside apply_fn: JAX flattens it like a list, and
+    ``jax.tree.map`` over it returns a plain list."""
+
+    def __init__(self, items: list[Any], where: str):
+        super().__init__(items)
+        self.where = where
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+
+class ReadOnlyDict(dict):
+    """A dict of variables' arrays read inside apply_fn: JAX flattens it like a dict (in
+    insertion order), and ``jax.tree.map`` over it returns a plain dict."""
+
+    def __init__(self, items: dict[Any, Any], where: str):
+        super().__init__(items)
+        self.where = where
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    pop = popitem = clear = setdefault = update = _refuse
+
+
+jax.tree_util.register_pytree_node(
+    ReadOnlyList, lambda xs: (list(xs), None), lambda _, children: list(children)
+)
+jax.tree_util.register_pytree_with_keys(
+    ReadOnlyDict,
+    lambda d: ([(jax.tree_util.DictKey(k), v) for k, v in d.items()], list(d)),
+    lambda keys, children: dict(zip(keys, children, strict=True)),
+    lambda d: (list(d.values()), list(d)),
+)
+
+
 # owner token -> Frame, innermost call last. A fresh dict per entry: never mutated in place.
-FRAMES: contextvars.ContextVar[dict[object, Frame]] = contextvars.ContextVar(
-    "metoryx_frames", default={}
+FRAMES: contextvars.ContextVar[Mapping[object, Frame]] = contextvars.ContextVar(
+    "metoryx_frames", default=MappingProxyType({})
 )
 
 

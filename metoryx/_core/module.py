@@ -74,7 +74,7 @@ class Module:
                     raise _outside_apply(self, name)
                 if type(template) is Slot:
                     return frame.values[template.index]
-                return frame.read(template)
+                return frame.read(template, f"{module_label(self)}.{name}")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -245,7 +245,19 @@ def _holds_any(value: Any, depth: int = 4) -> bool:
     else:
         attrs = getattr(value, "__dict__", None)
         items = list(attrs.values()) if isinstance(attrs, dict) else []
+        items += _slot_values(value)
     return any(_holds_any(item, depth - 1) for item in items)
+
+
+def _slot_values(value: Any) -> list[Any]:
+    """The attributes an object keeps in ``__slots__`` (which ``__dict__`` does not show)."""
+    found: list[Any] = []
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and hasattr(value, name):
+                found.append(getattr(value, name))
+    return found
 
 
 def _hidden(owner: Module, path: Path, container: str) -> errors.ModuleStructureError:

@@ -151,7 +151,9 @@ class _Snapshot:
         var = bound.variable
         dtype = jax.dtypes.canonicalize_dtype(var.dtype)
         if var._value is not None:
-            return jnp.asarray(var._value, dtype=dtype)
+            # A copy: the caller owns what init_fn returns and may donate or delete it, which
+            # must not destroy the model's fixed value (often the user's own array).
+            return jnp.array(var._value, dtype=dtype, copy=True)
         try:
             value = var.init(fold_in_path(key, bound.path), var.shape, dtype)
         except Exception as e:
@@ -170,13 +172,14 @@ class _Snapshot:
     def apply(self, variables: Any, rngs: Any, /, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         """Run the model's method on ``variables``; return ``(output, new_variables)``."""
         leaves, treedef = jax.tree_util.tree_flatten(variables)
-        if treedef != self.treedef:
+        foreign = treedef != self.treedef  # e.g. an OrderedDict, or paths that differ
+        if foreign:
             leaves = self._leaves_from_other_structure(variables)
         dtypes = self.dtypes.get(jax.config.read("jax_enable_x64")) or self._dtypes()
         values: list[Any] = [None] * len(leaves)
         for i, (leaf, shape, dtype) in enumerate(zip(leaves, self.shapes, dtypes, strict=True)):
             if not isinstance(leaf, jax.Array):
-                leaf = jnp.asarray(leaf)
+                leaf = self._as_array(self.leaf_slots[i], leaf, dtype)
             if leaf.shape != shape or leaf.dtype != dtype:
                 raise self._leaf_error(self.leaf_slots[i], leaf, dtype)
             values[self.leaf_slots[i]] = leaf
@@ -197,6 +200,9 @@ class _Snapshot:
             FRAMES.reset(token)
         if not self.mutable:
             return out, variables
+        if foreign:  # another mapping type: answer in the caller's structure
+            flat = {b.path: frame.values[i] for i, b in enumerate(self.variables)}
+            return out, _restructure(variables, flat, ())
         updated = [frame.values[i] for i in self.leaf_slots]
         return out, jax.tree_util.tree_unflatten(self.treedef, updated)
 
@@ -214,13 +220,25 @@ class _Snapshot:
                 f"apply_fn expects `variables` as the nested dict init_fn returns, e.g. "
                 f"{{'params': {{...}}}}; got {type(variables).__name__}."
             )
-        given = flatten_variables(variables)
+        given = {p: v for p, v in flatten_variables(variables).items() if v is not None}
         expected = {b.path: b for b in self.variables}
         missing = [path_str(p) for p in expected if p not in given]
         unexpected = [path_str(p) for p in given if p not in expected]
         if missing or unexpected:
             raise errors.VariablesStructureError(mismatch_report(missing, unexpected))
         return [given[self.variables[i].path] for i in self.leaf_slots]
+
+    def _as_array(self, slot: int, leaf: Any, dtype: Any) -> jax.Array:
+        try:
+            return jnp.asarray(leaf)
+        except (TypeError, ValueError):
+            bound = self.variables[slot]
+            raise errors.VariableDtypeError(
+                f"{path_str(bound.path)} ({type(bound.variable).__name__}): expected an array "
+                f"of dtype {jnp.dtype(dtype).name} and shape {bound.variable.shape}, got "
+                f"{type(leaf).__name__} {leaf!r:.60}. Pass the arrays init_fn returns (or a "
+                f"checkpoint with the same paths)."
+            ) from None
 
     def _leaf_error(self, slot: int, leaf: Any, dtype: Any) -> Exception:
         bound = self.variables[slot]
@@ -302,6 +320,22 @@ def _resolve_method(
         f"`method` must be None, a method name, or a function fn(module, *args, **kwargs); got "
         f"{type(method).__name__}."
     )
+
+
+def _restructure(like: Mapping[Any, Any], flat: dict[Any, Any], prefix: tuple[str, ...]) -> Any:
+    """The arrays of ``flat`` (keyed by path) arranged as the mapping ``like``."""
+    items: list[tuple[Any, Any]] = []
+    for key, value in like.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            items.append((key, _restructure(value, flat, path)))
+        else:
+            items.append((key, flat.get(path, value)))
+    factory: Any = type(like)
+    try:
+        return factory(items)
+    except TypeError:
+        return dict(items)
 
 
 def mismatch_report(missing: list[str], unexpected: list[str]) -> str:

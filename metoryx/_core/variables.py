@@ -8,15 +8,15 @@ its starting value instead (a pretrained kernel, a zero start).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metoryx import errors
-
-Initializer = Callable[..., jax.Array]
+from metoryx.initializers import Initializer
 
 
 def _shape_str(shape: Sequence[int], dtype: Any) -> str:
@@ -110,14 +110,19 @@ class Variable:
         if value is None:
             self._value = None
             return
-        shape = tuple(jnp.shape(value))
+        shape = tuple(np.shape(value))
         if shape != self.shape:
             raise errors.VariableShapeError(
                 f"{self!r}: expected a value of shape {self.shape}, got shape {shape}. "
                 f"Give an array of shape {self.shape}, or replace the layer with one of the "
                 f"shape you need."
             )
-        self._value = jnp.asarray(value, dtype=self.dtype)
+        if isinstance(value, jax.Array):
+            self._value = jnp.asarray(value, dtype=self.dtype)  # immutable: safe to share
+        else:
+            # A copy: on CPU jnp.asarray aliases a 64-byte aligned NumPy buffer, and a later
+            # in-place edit of the caller's array must not change the fixed value.
+            self._value = jnp.array(value, dtype=self.dtype)
 
     @property
     def has_value(self) -> bool:

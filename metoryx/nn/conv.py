@@ -12,7 +12,8 @@ from jax import lax
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
-from metoryx._core.variables import Initializer, Parameter
+from metoryx._core.variables import Parameter
+from metoryx.initializers import Initializer
 from metoryx.nn._arguments import (
     PaddingLike,
     check_window_fits,

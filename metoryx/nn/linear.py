@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
-from metoryx._core.variables import Initializer, Parameter
+from metoryx._core.variables import Parameter
+from metoryx.initializers import Initializer
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import add_bias, cast, compute_dtype
 

@@ -12,7 +12,8 @@ from jax import lax
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
-from metoryx._core.variables import Initializer, Parameter, State
+from metoryx._core.variables import Parameter, State
+from metoryx.initializers import Initializer
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import cast, compute_dtype
 

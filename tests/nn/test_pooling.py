@@ -167,3 +167,19 @@ def test_bad_input_shape(shape, expected):
         assert text in str(info.value)
     with pytest.raises(mx.errors.InputShapeError, match="^max_pool: "):
         mx.max_pool(jnp.ones(shape), (3, 3))
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        lambda x: mx.max_pool(x, (2, 2), padding="SAME"),
+        lambda x: mx.min_pool(x, (2, 2), padding=1),
+        lambda x: mx.avg_pool(x, (3, 3), strides=(1, 1), padding=1, count_include_pad=False),
+    ],
+)
+def test_every_pool_is_differentiable_under_jit(pool):
+    # jit traces the reduction's start value: it must stay a constant for JAX's gradient rule.
+    grad = jax.jit(jax.grad(lambda x: pool(x).sum()))(X)
+    eager = jax.grad(lambda x: pool(x).sum())(X)
+    np.testing.assert_allclose(grad, eager, rtol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0

@@ -1,0 +1,146 @@
+"""Tests of metoryx/_core/variables.py: Parameter and State as descriptions with fixed values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metoryx as mx
+from metoryx import errors
+
+
+def test_parameter_is_a_description_in_params():
+    p = mx.Parameter(mx.initializers.zeros, [2, 3], foo="bar")
+    assert isinstance(p, mx.Variable)
+    assert p.collection == "params"
+    assert p.shape == (2, 3) and type(p.shape) is tuple
+    assert p.dtype == jnp.float32
+    assert p.mutable is False
+    assert p.metadata == {"foo": "bar"}
+    assert not p.has_value
+
+
+def test_state_defaults_to_mutable_in_its_collection():
+    s = mx.State("batch_stats", mx.initializers.ones, (4,), jnp.int32)
+    assert s.collection == "batch_stats"
+    assert s.mutable is True
+    assert s.dtype == jnp.int32
+    assert mx.State("c", mx.initializers.ones, (), mutable=False).mutable is False
+
+
+def test_reprs_show_kind_collection_dtype_shape_and_flags():
+    p = mx.Parameter(mx.initializers.zeros, (2, 3))
+    assert repr(p) == "Parameter(float32[2, 3])"
+    p.value = jnp.ones((2, 3))
+    assert repr(p) == "Parameter(float32[2, 3], value fixed)"
+    s = mx.State("stats", mx.initializers.zeros, (), jnp.int32, mutable=False)
+    assert repr(s) == "State('stats', int32[], read-only)"
+
+
+def test_value_roundtrip_and_dtype_cast():
+    p = mx.Parameter(mx.initializers.zeros, (2, 2), jnp.bfloat16)
+    p.value = np.arange(4, dtype=np.float64).reshape(2, 2)
+    assert isinstance(p.value, jax.Array)
+    assert p.value.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(p.value, np.float32), [[0, 1], [2, 3]])
+    s = mx.State("c", mx.initializers.zeros, (3,), jnp.int32)
+    s.value = [1.0, 2.0, 3.0]  # a list is fine, cast to the State's dtype
+    assert s.value.dtype == jnp.int32
+    assert s.has_value
+
+
+def test_value_is_a_copy_of_a_numpy_array():
+    held = []  # JAX on CPU aliases 64-byte aligned NumPy buffers: make sure we hit that case
+    while (start := np.ones((4, 4), np.float32)).ctypes.data % 64:
+        held.append(start)
+    p = mx.Parameter(mx.initializers.zeros, (4, 4))
+    p.value = start
+    start[:] = 5.0
+    np.testing.assert_array_equal(p.value, np.ones((4, 4)))
+
+
+def test_value_wrong_shape_names_expected_and_got_and_keeps_old_value():
+    p = mx.Parameter(mx.initializers.zeros, (2, 3))
+    p.value = jnp.ones((2, 3))
+    with pytest.raises(errors.VariableShapeError) as info:
+        p.value = jnp.zeros((3, 2))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, errors.MetoryxError)
+    assert "(2, 3)" in str(info.value) and "(3, 2)" in str(info.value)
+    np.testing.assert_array_equal(p.value, jnp.ones((2, 3)))
+
+
+def test_value_wrong_rank_and_scalar():
+    p = mx.Parameter(mx.initializers.zeros, ())
+    with pytest.raises(errors.VariableShapeError, match=r"\(1,\)"):
+        p.value = jnp.zeros((1,))
+    p.value = 3.0
+    assert p.value.shape == ()
+
+
+def test_none_clears_the_fixed_value():
+    p = mx.Parameter(mx.initializers.zeros, (2,))
+    p.value = jnp.ones(2)
+    p.value = None
+    assert not p.has_value
+    with pytest.raises(errors.UnsetValueError):
+        _ = p.value
+
+
+def test_reading_unset_value_explains_init_fn():
+    p = mx.Parameter(mx.initializers.zeros, (2,))
+    with pytest.raises(errors.UnsetValueError) as info:
+        _ = p.value
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
+    assert "init_fn" in message and ".value = " in message and "float32[2]" in message
+
+
+def test_fixed_value_is_what_init_returns_for_any_key_and_clearing_restores_init():
+    class M(mx.Module):
+        def __init__(self):
+            self.w = mx.Parameter(mx.initializers.normal(1.0), (3,))
+
+    m = M()
+    m.w.value = jnp.array([1.0, 2.0, 3.0])
+    for seed in (0, 1):
+        np.testing.assert_array_equal(mx.init(m)(seed)["params"]["w"], [1.0, 2.0, 3.0])
+    m.w.value = None
+    drawn = mx.init(m)(0)["params"]["w"]
+    assert not np.array_equal(drawn, [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize(
+    ("args", "match", "got"),
+    [
+        (("params", "zeros", (2,)), "initializer", "'zeros'"),
+        (("params", mx.initializers.zeros, (2.5,)), "shape", "(2.5,)"),
+        (("params", mx.initializers.zeros, 3), "shape", "got 3"),
+        (("params", mx.initializers.zeros, (2, -1)), "negative", "(2, -1)"),
+        (("params", mx.initializers.zeros, (2,), "not-a-dtype"), "dtype", "'not-a-dtype'"),
+        (("", mx.initializers.zeros, (2,)), "collection", "got ''"),
+        ((3, mx.initializers.zeros, (2,)), "collection", "got 3"),
+    ],
+)
+def test_bad_descriptions_raise_variable_definition_error(args, match, got):
+    with pytest.raises(errors.VariableDefinitionError, match=match) as info:
+        mx.Variable(*args)
+    assert isinstance(info.value, TypeError)
+    assert got in str(info.value)
+
+
+def test_parameter_and_state_validate_like_variable():
+    with pytest.raises(errors.VariableDefinitionError, match="got 'zeros'"):
+        mx.Parameter("zeros", (2,))
+    with pytest.raises(errors.VariableDefinitionError, match="collection"):
+        mx.State(None, mx.initializers.zeros, (2,))
+
+
+def test_dtype_of_init_output_follows_the_declaration():
+    class M(mx.Module):
+        def __init__(self):
+            self.w = mx.Parameter(mx.initializers.normal(), (2, 2), jnp.bfloat16)
+            self.n = mx.State("counts", mx.initializers.zeros, (), jnp.int32)
+
+    v = mx.init(M())(0)
+    assert v["params"]["w"].dtype == jnp.bfloat16
+    assert v["counts"]["n"].dtype == jnp.int32
