@@ -46,8 +46,8 @@ def is_key(x: Any) -> bool:
 
 def as_root_key(key: Any) -> jax.Array:
     """Check the key given to ``init_fn``; an int seed becomes ``jax.random.key(seed)``."""
-    if isinstance(key, int) and not isinstance(key, bool):
-        return jax.random.key(key)
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
     if not is_key(key):
         raise errors.RngsTypeError(
             f"init_fn expects a random key, e.g. init_fn(jax.random.key(0)) or an int seed; "

@@ -145,6 +145,8 @@ def test_model_without_call_can_be_initialized_and_apply_names_the_method():
         apply_fn(v, None, jnp.ones((1, 3)))
     assert isinstance(info.value, AttributeError)
     assert "__call__" in str(info.value) and "method=" in str(info.value)
+    with pytest.raises(errors.MethodError, match="method="):
+        mx.apply(Encoder(), "__call__")(v, None, jnp.ones((1, 3)))
     y, _ = mx.apply(Encoder(), "encode")(v, None, jnp.ones((1, 3)))
     assert y.shape == (1, 4)
 

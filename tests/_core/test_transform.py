@@ -208,6 +208,7 @@ def test_same_key_bit_identical_different_keys_differ():
 def test_int_seed_and_legacy_key():
     init_fn = mx.init(MLP())
     assert tree_equal(init_fn(7), init_fn(jax.random.key(7)))
+    assert tree_equal(init_fn(np.int64(7)), init_fn(7))
     legacy = init_fn(jax.random.PRNGKey(7))
     assert jax.tree.structure(legacy) == jax.tree.structure(init_fn(7))
 
