@@ -1,0 +1,50 @@
+"""Sharded init and apply on 8 CPU devices (a subprocess: the device count is fixed at import)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import metoryx as mx
+
+    assert len(jax.devices()) == 8
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    model = mx.Dense(16, 32)
+    init_fn, apply_fn = mx.transform(model)
+
+    # Shardings are chosen by path, on the abstract variables: nothing is allocated for this.
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    spec = {"params": {"kernel": P(None, "model"), "bias": P("model")}}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec)
+    assert jax.tree.structure(abstract) == jax.tree.structure(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+    variables = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
+    kernel = variables["params"]["kernel"]
+    assert kernel.sharding == shardings["params"]["kernel"], kernel.sharding
+    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}
+    # Sharded init draws exactly the arrays of unsharded init.
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(init_fn(jax.random.key(0))["params"]["kernel"]))
+
+    x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data", None)))
+    y, _ = jax.jit(apply_fn)(variables, None, x)
+    expected, _ = apply_fn(init_fn(jax.random.key(0)), None, jnp.ones((8, 16)))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-6)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_init_and_apply_on_eight_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
