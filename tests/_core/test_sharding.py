@@ -22,14 +22,16 @@ SCRIPT = textwrap.dedent(
     abstract = jax.eval_shape(init_fn, jax.random.key(0))
     spec = {"params": {"kernel": P(None, "model"), "bias": P("model")}}
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec)
-    assert jax.tree.structure(abstract) == jax.tree.structure(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    is_sharding = lambda x: isinstance(x, NamedSharding)
+    assert jax.tree.structure(abstract) == jax.tree.structure(shardings, is_leaf=is_sharding)
 
     variables = jax.jit(init_fn, out_shardings=shardings)(jax.random.key(0))
     kernel = variables["params"]["kernel"]
     assert kernel.sharding == shardings["params"]["kernel"], kernel.sharding
     assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}
     # Sharded init draws exactly the arrays of unsharded init.
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(init_fn(jax.random.key(0))["params"]["kernel"]))
+    unsharded = init_fn(jax.random.key(0))["params"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(unsharded))
 
     x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data", None)))
     y, _ = jax.jit(apply_fn)(variables, None, x)
