@@ -159,13 +159,15 @@ class _Snapshot:
         except Exception as e:
             e.add_note(f"(raised by the initializer of {path_str(bound.path)}: {var!r})")
             raise
-        shape = tuple(jnp.shape(value))
-        if shape != var.shape:
+        if not isinstance(value, jax.Array):
+            value = jnp.asarray(value)
+        if value.shape != var.shape:
             raise errors.VariableShapeError(
-                f"{path_str(bound.path)}: its initializer {var.init!r} returned shape {shape}, "
-                f"expected {var.shape}. An initializer must honor the `shape` it is given."
+                f"{path_str(bound.path)}: its initializer {var.init!r} returned shape "
+                f"{value.shape}, expected {var.shape}. An initializer must honor the `shape` "
+                f"it is given."
             )
-        return jnp.asarray(value, dtype=dtype)
+        return value if value.dtype == dtype else jnp.asarray(value, dtype=dtype)
 
     # -- apply -----------------------------------------------------------------------------
 

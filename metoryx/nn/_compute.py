@@ -31,6 +31,9 @@ def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+# Jitted and inlined, as jnp.add itself is: eagerly, one dispatch instead of two (about 50 us
+# per layer here); traced, the same equations, and a cached jaxpr under grad.
+@functools.partial(jax.jit, inline=True)
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     """``y + bias`` over the last axis, as the implicit broadcast would trace it.
 

@@ -148,7 +148,8 @@ class Conv(Module):
             InputShapeError: if ``x`` has too few axes, its last axis is not ``in_size``
                 long, or a spatial axis is shorter than the (dilated) kernel.
         """
-        x = jnp.asarray(x)
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
         ndim = len(self.kernel_size)
         shape = x.shape
         if len(shape) < ndim + 1 or shape[-1] != self.in_size:
@@ -163,14 +164,15 @@ class Conv(Module):
         check_window_fits(
             lambda: module_label(self), shape, self.kernel_size, self.dilation, self.padding
         )
-        dtype = compute_dtype(self.dtype, x, self.kernel, self.bias)
+        kernel, bias = self.kernel, self.bias
+        dtype = compute_dtype(self.dtype, x, kernel, bias)
         # lax takes exactly one batch axis: flatten several, add one if there is none.
         batch = shape[: len(shape) - ndim - 1]
         if len(batch) != 1:
             x = jnp.reshape(x, (math.prod(batch), *shape[len(batch) :]))
         y = lax.conv_general_dilated(
             cast(x, dtype),
-            cast(self.kernel, dtype),
+            cast(kernel, dtype),
             window_strides=self.strides,
             padding=self.padding,
             rhs_dilation=self.dilation,
@@ -179,4 +181,4 @@ class Conv(Module):
         )
         if len(batch) != 1:
             y = jnp.reshape(y, (*batch, *y.shape[1:]))
-        return y if self.bias is None else add_bias(y, cast(self.bias, dtype))
+        return y if bias is None else add_bias(y, cast(bias, dtype))

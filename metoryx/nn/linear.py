@@ -77,7 +77,8 @@ class Dense(Module):
         Raises:
             InputShapeError: if the last axis of ``x`` is not ``in_size`` long.
         """
-        x = jnp.asarray(x)
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
         if x.ndim == 0 or x.shape[-1] != self.in_size:
             raise errors.InputShapeError(
                 f"{module_label(self)}: expected an input of shape (..., {self.in_size}) whose "
@@ -85,9 +86,10 @@ class Dense(Module):
                 f"Reshape the input so its last axis holds the features, or build the layer "
                 f"with in_size equal to the input's last axis."
             )
-        dtype = compute_dtype(self.dtype, x, self.kernel, self.bias)
-        y = cast(x, dtype) @ cast(self.kernel, dtype)
-        return y if self.bias is None else add_bias(y, cast(self.bias, dtype))
+        kernel, bias = self.kernel, self.bias
+        dtype = compute_dtype(self.dtype, x, kernel, bias)
+        y = cast(x, dtype) @ cast(kernel, dtype)
+        return y if bias is None else add_bias(y, cast(bias, dtype))
 
 
 # END
