@@ -263,6 +263,7 @@ class Row:
         ok: bool | None,
         paired_ratio: float | None = None,
     ):
+        self.ok = ok
         self.cells = [
             measure,
             hand,
@@ -615,7 +616,7 @@ def main() -> int:
     if opts.profile:
         print("\ncProfile of the eager apply,", deep.name, "(metoryx functions only):")
         print(profile_eager_apply(deep, 20))
-    failed = [row.cells[0] for row in rows if row.cells[5] == "**FAIL**"]
+    failed = [row.cells[0] for row in rows if row.ok is False]
     print(
         f"\n{len(failed)} target(s) failed{': ' + '; '.join(failed) if failed else ''}. "
         f"Total time {time.perf_counter() - started:.0f} s."

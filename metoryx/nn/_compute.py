@@ -7,7 +7,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def compute_dtype(dtype: Any, *arrays: jax.Array | None) -> jnp.dtype:
@@ -31,13 +30,13 @@ def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
-# Jitted and inlined, as jnp.add itself is: eagerly, one dispatch instead of two (about 50 us
-# per layer here); traced, the same equations, and a cached jaxpr under grad.
-@functools.partial(jax.jit, inline=True)
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """``y + bias`` over the last axis, as the implicit broadcast would trace it.
+    """``y + bias`` over the last axis, exactly as a hand-written ``y + bias`` traces.
 
-    ``broadcast_to_rank`` keeps this working under ``jax_numpy_rank_promotion="raise"`` with
-    the same two equations (``broadcast_in_dim``, ``add``) as a hand-written ``y + bias``.
+    The rank promotion is ours to make, so it is allowed here even when the user runs with
+    ``jax_numpy_rank_promotion="raise"``: the same two equations (``broadcast_in_dim``, ``add``)
+    on every JAX version and one eager dispatch. (A ``jit(inline=True)`` helper is no longer
+    inlined into jaxprs by JAX 0.12, and ``lax.broadcast_to_rank`` costs a second dispatch.)
     """
-    return y + lax.broadcast_to_rank(bias, y.ndim)
+    with jax.numpy_rank_promotion("allow"):
+        return y + bias
