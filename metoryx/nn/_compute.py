@@ -38,5 +38,7 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     on every JAX version and one eager dispatch. (A ``jit(inline=True)`` helper is no longer
     inlined into jaxprs by JAX 0.12, and ``lax.broadcast_to_rank`` costs a second dispatch.)
     """
+    if jax.config.jax_numpy_rank_promotion == "allow":  # the default: no context to enter
+        return y + bias
     with jax.numpy_rank_promotion("allow"):
         return y + bias
