@@ -1,0 +1,192 @@
+"""Every layer through every transformation, from one table.
+
+A layer gets all of these checks by adding one row to ``DESCRIPTORS``: the golden file of its
+variables' paths, shapes and dtypes (paths are the checkpoint format), jit equal to eager,
+gradients with respect to inputs and parameters (finite, and jit equal to eager), vmap over an
+extra leading axis equal to a loop, ``jax.checkpoint`` equal to the plain call, bfloat16
+computation close to float32, and float64 under ``jax_enable_x64`` (one subprocess for all).
+
+Regenerate the golden file after a deliberate change of paths:
+``python tests/nn/test_descriptors.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metoryx as mx
+
+GOLDEN = Path(__file__).parent / "golden" / "variables.json"
+
+
+class Descriptor(NamedTuple):
+    """One row: how to build the layer, with a computation dtype, and what to feed it."""
+
+    name: str
+    make: Callable[..., mx.Module]  # (**dtypes) -> layer; dtypes: dtype=, param_dtype=
+    shape: tuple[int, ...]
+    kwargs: dict[str, Any] = {}
+    # False when examples interact (BatchNorm's batch statistics in training).
+    per_example: bool = True
+
+
+DESCRIPTORS = [
+    Descriptor("Dense", lambda **k: mx.Dense(3, 4, **k), (2, 3)),
+    Descriptor("Dense/no_bias", lambda **k: mx.Dense(3, 4, use_bias=False, **k), (2, 5, 3)),
+    Descriptor("Conv1d", lambda **k: mx.Conv(2, 3, kernel_size=3, **k), (2, 7, 2)),
+    Descriptor(
+        "Conv2d/strided_grouped",
+        lambda **k: mx.Conv(4, 6, (3, 3), strides=2, padding=1, groups=2, **k),
+        (2, 6, 6, 4),
+    ),
+    Descriptor(
+        "Conv3d/dilated", lambda **k: mx.Conv(1, 2, (2, 2, 2), dilation=2, **k), (1, 5, 5, 5, 1)
+    ),
+    Descriptor(
+        "BatchNorm/train",
+        lambda **k: mx.BatchNorm(3, **k),
+        (4, 5, 3),
+        {"is_training": True},
+        per_example=False,
+    ),
+    Descriptor("BatchNorm/eval", lambda **k: mx.BatchNorm(3, **k), (4, 3), {"is_training": False}),
+]
+
+IDS = [d.name for d in DESCRIPTORS]
+
+
+def _input(d: Descriptor, dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.normal(jax.random.key(0), d.shape, dtype)
+
+
+def _transformed(d: Descriptor, **dtypes: Any):
+    init_fn, apply_fn = mx.transform(d.make(**dtypes))
+    variables = init_fn(jax.random.key(1))
+    return variables, lambda v, x: apply_fn(v, jax.random.key(2), x, **d.kwargs)
+
+
+def _structure(variables: dict) -> dict[str, str]:
+    """``{"params/kernel": "float32[3, 4]", ...}``: what the golden file records."""
+    leaves = jax.tree_util.tree_leaves_with_path(variables)
+    return {
+        "/".join(k.key for k in path): f"{leaf.dtype.name}[{', '.join(map(str, leaf.shape))}]"
+        for path, leaf in leaves
+    }
+
+
+def _close(a, b, rtol=1e-6, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol, atol)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=IDS)
+def test_variables_match_the_golden_file(d):
+    golden = json.loads(GOLDEN.read_text())
+    variables, _ = _transformed(d)
+    assert d.name in golden, f"no golden entry for {d.name}: run python {__file__}"
+    assert _structure(variables) == golden[d.name], (
+        "The variables' paths, shapes or dtypes changed. They are the checkpoint format: if the "
+        f"change is deliberate, regenerate the golden file with `python {__file__}`."
+    )
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=IDS)
+def test_jit_equals_eager(d):
+    variables, run = _transformed(d)
+    x = _input(d)
+    _close(jax.jit(run)(variables, x), run(variables, x))
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=IDS)
+def test_gradients_are_finite_and_jit_equals_eager(d):
+    variables, run = _transformed(d)
+    x = _input(d)
+
+    def loss(params, x):
+        out, _ = run({**variables, "params": params}, x)
+        return jnp.sum(jnp.sin(out))
+
+    grads = jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads[1]))
+    _close(jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x), grads, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("d", [d for d in DESCRIPTORS if d.per_example], ids=lambda d: d.name)
+def test_vmap_over_a_leading_axis_equals_a_loop(d):
+    variables, run = _transformed(d)
+    xs = jax.random.normal(jax.random.key(3), (3, *d.shape))
+    batched, _ = jax.vmap(run, in_axes=(None, 0))(variables, xs)
+    looped = jnp.stack([run(variables, x)[0] for x in xs])
+    _close(batched, looped, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=IDS)
+def test_checkpoint_equals_the_plain_call(d):
+    variables, run = _transformed(d)
+    x = _input(d)
+    _close(jax.checkpoint(run)(variables, x), run(variables, x))
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=IDS)
+def test_bfloat16_computation_is_close_to_float32(d):
+    variables, run32 = _transformed(d)
+    _, run16 = _transformed(d, dtype=jnp.bfloat16)
+    x = _input(d)
+    out16, _ = run16(variables, x.astype(jnp.bfloat16))
+    out32, _ = run32(variables, x)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out16, np.float32), np.asarray(out32), rtol=0.05, atol=0.05
+    )
+
+
+def _float64_report() -> dict[str, str]:
+    """Run every descriptor under jax_enable_x64 in float64; name -> output dtype or error."""
+    report = {}
+    for d in DESCRIPTORS:
+        try:
+            init_fn, apply_fn = mx.transform(d.make(dtype=jnp.float64, param_dtype=jnp.float64))
+            variables = init_fn(jax.random.key(1))
+            out, _ = apply_fn(variables, jax.random.key(2), _input(d, jnp.float64), **d.kwargs)
+            report[d.name] = out.dtype.name
+        except Exception as e:  # reported to the parent test, which shows it
+            report[d.name] = f"{type(e).__name__}: {e}"
+    return report
+
+
+@pytest.mark.slow
+def test_float64_under_x64():
+    env = {**os.environ, "JAX_ENABLE_X64": "1"}
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import test_descriptors as t; print(json.dumps(t._float64_report()))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report == {d.name: "float64" for d in DESCRIPTORS}
+
+
+if __name__ == "__main__":
+    GOLDEN.parent.mkdir(exist_ok=True)
+    entries = {d.name: _structure(_transformed(d)[0]) for d in DESCRIPTORS}
+    GOLDEN.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(entries)} entries to {GOLDEN}")
