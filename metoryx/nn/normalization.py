@@ -1,4 +1,5 @@
-"""BatchNorm: normalization by batch statistics, with running averages for evaluation."""
+"""Normalization layers: BatchNorm (statistics of the batch, running averages for evaluation),
+and LayerNorm, RMSNorm, GroupNorm and InstanceNorm (statistics of each example)."""
 
 from __future__ import annotations
 
@@ -185,6 +186,424 @@ class BatchNorm(Module):
         self.mean = m * running_mean + (1 - m) * batch_mean
         self.var = m * running_var + (1 - m) * unbiased_var
         return centered, var
+
+
+class LayerNorm(Module):
+    """Layer normalization over the last axis: each position is normalized on its own.
+
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``, with the mean and the biased
+    variance of the ``size`` features of each position (the last axis), as
+    ``torch.nn.LayerNorm(size)``. The variance is computed in two passes (the mean of squared
+    deviations from the mean). Statistics and the normalization are computed in at least
+    float32, then the output is cast to the computation dtype.
+
+    Args:
+        size: number of features (the last axis of the input).
+        epsilon: added to the variance before the square root.
+        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
+        use_bias: whether to add a learned ``bias`` (``params["bias"]``).
+        scale_init: initializer of ``scale``, of shape ``(size,)``.
+        bias_init: initializer of ``bias``, of shape ``(size,)``.
+        dtype: the computation dtype (None: inferred from inputs and parameters).
+        param_dtype: the storage dtype of the parameters.
+
+    Raises:
+        LayerConfigError: if ``size`` is not a positive int.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> from metoryx.nn.normalization import LayerNorm
+        >>> init_fn, apply_fn = mx.transform(LayerNorm(4))
+        >>> variables = init_fn(jax.random.key(0))
+        >>> jax.tree.map(jnp.shape, variables)
+        {'params': {'bias': (4,), 'scale': (4,)}}
+        >>> y, _ = apply_fn(variables, None, jnp.arange(24.0).reshape(2, 3, 4))
+        >>> y[0, 0].round(4)
+        Array([-1.3416, -0.4472,  0.4472,  1.3416], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        size: int,
+        epsilon: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = initializers.ones,
+        bias_init: Initializer = initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__()
+        self.size = positive_int("LayerNorm", "size", size)
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
+        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
+
+    def extra_repr(self) -> str:
+        return _affine_repr(self, f"size={self.size}, epsilon={self.epsilon}")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes ``x`` over its last axis.
+
+        Args:
+            x: input of shape ``(*batch, size)``, any number of leading batch axes.
+
+        Returns:
+            The normalized input, of the shape of ``x`` and the computation dtype.
+
+        Raises:
+            InputShapeError: if ``x`` is a scalar or its last axis is not ``size`` long.
+        """
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        _check_input(self, x.shape, 1, "(..., {size})", _FEATURES_LAST)
+        dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
+        y = _standardize(cast(x, _at_least_float32(dtype)), (x.ndim - 1,), self.epsilon)
+        return _scale_and_shift(y, self.scale, self.bias, dtype)
+
+
+class RMSNorm(Module):
+    """Root-mean-square normalization over the last axis, with no centering.
+
+    ``y = x / sqrt(mean(x ** 2) + epsilon) * scale``, the mean over the ``size`` features of
+    each position (the last axis), as ``torch.nn.RMSNorm(size, eps=epsilon)``. The mean square
+    is computed in at least float32, then the output is cast to the computation dtype.
+
+    Args:
+        size: number of features (the last axis of the input).
+        epsilon: added to the mean square before the square root.
+        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
+        scale_init: initializer of ``scale``, of shape ``(size,)``.
+        dtype: the computation dtype (None: inferred from inputs and parameters).
+        param_dtype: the storage dtype of the parameters.
+
+    Raises:
+        LayerConfigError: if ``size`` is not a positive int.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> from metoryx.nn.normalization import RMSNorm
+        >>> init_fn, apply_fn = mx.transform(RMSNorm(2, epsilon=0.0))
+        >>> variables = init_fn(jax.random.key(0))
+        >>> jax.tree.map(jnp.shape, variables)
+        {'params': {'scale': (2,)}}
+        >>> y, _ = apply_fn(variables, None, jnp.array([[1.0, 7.0]]))
+        >>> [round(float(v), 4) for v in y[0]]  # divided by sqrt((1 + 49) / 2)
+        [0.2, 1.4]
+    """
+
+    def __init__(
+        self,
+        size: int,
+        epsilon: float = 1e-6,
+        use_scale: bool = True,
+        scale_init: Initializer = initializers.ones,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__()
+        self.size = positive_int("RMSNorm", "size", size)
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
+
+    def extra_repr(self) -> str:
+        config = f"size={self.size}, epsilon={self.epsilon}"
+        return config if self.scale is not None else config + ", use_scale=False"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes ``x`` over its last axis.
+
+        Args:
+            x: input of shape ``(*batch, size)``, any number of leading batch axes.
+
+        Returns:
+            The normalized input, of the shape of ``x`` and the computation dtype.
+
+        Raises:
+            InputShapeError: if ``x`` is a scalar or its last axis is not ``size`` long.
+        """
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        _check_input(self, x.shape, 1, "(..., {size})", _FEATURES_LAST)
+        dtype = compute_dtype(self.dtype, x, self.scale)
+        x = cast(x, _at_least_float32(dtype))
+        mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        return _scale_and_shift(x * lax.rsqrt(mean_square + self.epsilon), self.scale, None, dtype)
+
+
+class GroupNorm(Module):
+    """Group normalization: the channels are split into groups, each normalized per example.
+
+    The input is channels-last, ``(batch, *spatial, size)``: the **first** axis is the batch
+    axis, the last holds the ``size`` channels, split into ``num_groups`` groups of
+    ``size // num_groups`` consecutive channels, and every axis in between is spatial (there
+    may be none). The mean and the biased variance are taken, per example and per group, over
+    the spatial axes and the group's channels; then
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with a per-channel ``scale`` and
+    ``bias``. This is ``torch.nn.GroupNorm(num_groups, size)`` on ``(batch, size, *spatial)``.
+
+    An input with several leading axes, e.g. ``(a, b, h, w, size)``, is read as batch ``a``
+    with spatial axes ``(b, h, w)``: the examples along ``b`` share their statistics. To
+    normalize each ``(a, b)`` example on its own, reshape the input to
+    ``(a * b, h, w, size)`` and the output back.
+
+    The variance is computed in two passes (the mean of squared deviations from the mean).
+    Statistics and the normalization are computed in at least float32, then the output is cast
+    to the computation dtype.
+
+    Args:
+        num_groups: number of channel groups; must divide ``size``. ``num_groups=1`` pools all
+            channels (layer normalization over every non-batch axis), ``num_groups=size``
+            normalizes each channel alone (instance normalization).
+        size: number of channels (the last axis of the input).
+        epsilon: added to the variance before the square root.
+        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
+        use_bias: whether to add a learned ``bias`` (``params["bias"]``).
+        scale_init: initializer of ``scale``, of shape ``(size,)``.
+        bias_init: initializer of ``bias``, of shape ``(size,)``.
+        dtype: the computation dtype (None: inferred from inputs and parameters).
+        param_dtype: the storage dtype of the parameters.
+
+    Raises:
+        LayerConfigError: if ``num_groups`` or ``size`` is not a positive int, or
+            ``num_groups`` does not divide ``size``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> from metoryx.nn.normalization import GroupNorm
+        >>> init_fn, apply_fn = mx.transform(GroupNorm(2, 4))
+        >>> variables = init_fn(jax.random.key(0))
+        >>> jax.tree.map(jnp.shape, variables)
+        {'params': {'bias': (4,), 'scale': (4,)}}
+        >>> x = jnp.arange(2 * 5 * 5 * 4, dtype=jnp.float32).reshape(2, 5, 5, 4)
+        >>> y, _ = apply_fn(variables, None, x)
+        >>> y.reshape(2, 25, 2, 2).mean(axis=(1, 3)).round(4)  # per example and group
+        Array([[0., 0.],
+               [0., 0.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        size: int,
+        epsilon: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = initializers.ones,
+        bias_init: Initializer = initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__()
+        self.num_groups = positive_int("GroupNorm", "num_groups", num_groups)
+        self.size = positive_int("GroupNorm", "size", size)
+        if self.size % self.num_groups:
+            divisors = [d for d in range(1, self.size + 1) if self.size % d == 0]
+            raise errors.LayerConfigError(
+                f"GroupNorm: num_groups={self.num_groups} must divide size={self.size}, so "
+                f"that every group holds the same number of channels. Choose num_groups among "
+                f"the divisors of {self.size}: {divisors}."
+            )
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
+        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
+
+    def extra_repr(self) -> str:
+        config = f"num_groups={self.num_groups}, size={self.size}, epsilon={self.epsilon}"
+        return _affine_repr(self, config)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes ``x`` per example and channel group.
+
+        Args:
+            x: input of shape ``(batch, *spatial, size)``, zero or more spatial axes; the
+                first axis is the batch axis (see the class docstring for more leading axes).
+
+        Returns:
+            The normalized input, of the shape of ``x`` and the computation dtype.
+
+        Raises:
+            InputShapeError: if ``x`` has fewer than 2 axes or its last axis is not ``size``
+                long.
+        """
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        _check_input(self, x.shape, 2, "(batch, *spatial, {size}) (2+ axes)", _BATCH_FIRST)
+        dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
+        shape = x.shape
+        # (batch, *spatial, groups, channels per group): statistics over all axes but the
+        # batch and group axes.
+        grouped = cast(x, _at_least_float32(dtype)).reshape(
+            (*shape[:-1], self.num_groups, self.size // self.num_groups)
+        )
+        axes = (*range(1, len(shape) - 1), len(shape))
+        y = _standardize(grouped, axes, self.epsilon).reshape(shape)
+        return _scale_and_shift(y, self.scale, self.bias, dtype)
+
+
+class InstanceNorm(Module):
+    """Instance normalization: each channel of each example normalized over the spatial axes.
+
+    The input is channels-last, ``(batch, *spatial, size)`` with at least one spatial axis:
+    the **first** axis is the batch axis and the last holds the ``size`` channels. The mean
+    and the biased variance are taken per example and per channel over the spatial axes; then
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with a per-channel ``scale`` and
+    ``bias``. This is ``torch.nn.InstanceNorm1d/2d/3d(size, affine=True)`` on
+    ``(batch, size, *spatial)``. Note that PyTorch's default is ``affine=False``: build
+    ``InstanceNorm(size, use_scale=False, use_bias=False)`` for that (or keep the defaults:
+    the initial ``scale`` of ones and ``bias`` of zeros give the same output until trained).
+    There are no running statistics: every call uses the statistics of its input, as PyTorch's
+    default ``track_running_stats=False``.
+
+    An input with several leading axes, e.g. ``(a, b, h, w, size)``, is read as batch ``a``
+    with spatial axes ``(b, h, w)``, as in :class:`GroupNorm`; reshape to
+    ``(a * b, h, w, size)`` to normalize each ``(a, b)`` example on its own.
+
+    The variance is computed in two passes (the mean of squared deviations from the mean).
+    Statistics and the normalization are computed in at least float32, then the output is cast
+    to the computation dtype.
+
+    Args:
+        size: number of channels (the last axis of the input).
+        epsilon: added to the variance before the square root.
+        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
+        use_bias: whether to add a learned ``bias`` (``params["bias"]``).
+        scale_init: initializer of ``scale``, of shape ``(size,)``.
+        bias_init: initializer of ``bias``, of shape ``(size,)``.
+        dtype: the computation dtype (None: inferred from inputs and parameters).
+        param_dtype: the storage dtype of the parameters.
+
+    Raises:
+        LayerConfigError: if ``size`` is not a positive int.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> from metoryx.nn.normalization import InstanceNorm
+        >>> init_fn, apply_fn = mx.transform(InstanceNorm(3))
+        >>> variables = init_fn(jax.random.key(0))
+        >>> jax.tree.map(jnp.shape, variables)
+        {'params': {'bias': (3,), 'scale': (3,)}}
+        >>> x = jnp.arange(2 * 4 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 4, 3) ** 2
+        >>> y, _ = apply_fn(variables, None, x)
+        >>> y.std(axis=(1, 2)).round(3)  # per example and channel
+        Array([[1., 1., 1.],
+               [1., 1., 1.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        size: int,
+        epsilon: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = initializers.ones,
+        bias_init: Initializer = initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__()
+        self.size = positive_int("InstanceNorm", "size", size)
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
+        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
+
+    def extra_repr(self) -> str:
+        return _affine_repr(self, f"size={self.size}, epsilon={self.epsilon}")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes ``x`` per example and channel.
+
+        Args:
+            x: input of shape ``(batch, *spatial, size)``, one or more spatial axes; the first
+                axis is the batch axis (see the class docstring for more leading axes).
+
+        Returns:
+            The normalized input, of the shape of ``x`` and the computation dtype.
+
+        Raises:
+            InputShapeError: if ``x`` has fewer than 3 axes or its last axis is not ``size``
+                long.
+        """
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        _check_input(
+            self,
+            x.shape,
+            3,
+            "(batch, *spatial, {size}) with at least one spatial axis",
+            _BATCH_FIRST,
+        )
+        dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
+        axes = tuple(range(1, x.ndim - 1))
+        y = _standardize(cast(x, _at_least_float32(dtype)), axes, self.epsilon)
+        return _scale_and_shift(y, self.scale, self.bias, dtype)
+
+
+_FEATURES_LAST = (
+    "Put the features last (e.g. x.transpose(0, 2, 3, 1) for a PyTorch NCHW image), or build "
+    "the layer with size equal to the input's last axis."
+)
+_BATCH_FIRST = (
+    "The first axis is the batch (add one with x[None] for a single example), the channels "
+    "are last (e.g. x.transpose(0, 2, 3, 1) for a PyTorch NCHW image); or build the layer "
+    "with size equal to the input's last axis."
+)
+
+
+def _check_input(
+    module: LayerNorm | RMSNorm | GroupNorm | InstanceNorm,
+    shape: tuple[int, ...],
+    min_ndim: int,
+    layout: str,
+    fix: str,
+) -> None:
+    """Raises an InputShapeError unless ``shape`` has ``min_ndim`` axes or more and its last
+    axis is ``module.size`` long; ``layout`` (formatted with ``size``) and ``fix`` are the
+    expected shape and the advice in the message."""
+    if len(shape) >= min_ndim and shape[-1] == module.size:
+        return
+    raise errors.InputShapeError(
+        f"{module_label(module)}: expected an input of shape {layout.format(size=module.size)}, "
+        f"with size={module.size} features on the last axis, got shape {shape}. {fix}"
+    )
+
+
+def _standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
+    """``(x - mean) / sqrt(var + epsilon)``, the mean and biased variance over ``axes``."""
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    # Two passes: the mean of squared deviations, never E[x^2] - E[x]^2, which loses all
+    # precision when |mean| is large compared to the spread.
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=axes, keepdims=True)
+    return centered * lax.rsqrt(var + epsilon)
+
+
+def _scale_and_shift(
+    y: jax.Array, scale: jax.Array | None, bias: jax.Array | None, dtype: jnp.dtype
+) -> jax.Array:
+    """``y * scale + bias`` over the last axis (either may be None) in ``y``'s dtype, cast to
+    ``dtype``."""
+    # Per-feature vectors take the rank of y (size-1 axes) to broadcast under
+    # jax_numpy_rank_promotion="raise".
+    feature_shape = (1,) * (y.ndim - 1) + (y.shape[-1],)
+    if scale is not None:
+        y = y * cast(scale, y.dtype).reshape(feature_shape)
+    if bias is not None:
+        y = y + cast(bias, y.dtype).reshape(feature_shape)
+    return cast(y, dtype)
+
+
+def _affine_repr(module: LayerNorm | GroupNorm | InstanceNorm, config: str) -> str:
+    """``config``, followed by ``use_scale=False`` / ``use_bias=False`` where they are off."""
+    if module.scale is None:
+        config += ", use_scale=False"
+    if module.bias is None:
+        config += ", use_bias=False"
+    return config
 
 
 def _at_least_float32(dtype: Any) -> jnp.dtype:

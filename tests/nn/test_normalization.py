@@ -1,5 +1,6 @@
-"""BatchNorm: PyTorch parity in training and evaluation, running statistics, cross-device
-statistics, numerical safety, dtypes and errors."""
+"""Normalization layers. BatchNorm: PyTorch parity in training and evaluation, running
+statistics, cross-device statistics, numerical safety, dtypes and errors. LayerNorm, RMSNorm,
+GroupNorm and InstanceNorm: PyTorch parity, what is pooled, numerical safety, dtypes and errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import metoryx as mx
+from metoryx.nn.normalization import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 
 CHANNELS_LAST = {2: None, 4: (0, 2, 3, 1)}  # PyTorch (N, C) / (N, C, H, W) -> ours
 INITIAL_STATS = {"mean": jnp.zeros(3), "var": jnp.ones(3)}
@@ -186,3 +188,274 @@ def test_bad_size():
 def test_repr():
     assert mx.BatchNorm(3).extra_repr() == "size=3, momentum=0.99, epsilon=1e-05"
     assert "axis_name='batch'" in mx.BatchNorm(3, axis_name="batch").extra_repr()
+
+
+# LayerNorm, RMSNorm, GroupNorm, InstanceNorm: the statistics of each example.
+
+# PyTorch's channels-first input of rank n -> our channels-last layout.
+TO_CHANNELS_LAST = {2: None, 3: (0, 2, 1), 4: (0, 2, 3, 1)}
+
+
+def _params_fn(layer):
+    """``fn(x, *params)``: the layer applied with its parameters (``scale``, then ``bias``,
+    those it has), a function of arrays for ``jax.vjp``."""
+    _, apply_fn = mx.transform(layer)
+    names = [name for name in ("scale", "bias") if getattr(layer, name, None) is not None]
+
+    def run(x, *params):
+        variables = {"params": dict(zip(names, params, strict=True))} if names else {}
+        return apply_fn(variables, None, x)[0]
+
+    return run
+
+
+def _torch_fn(torch, module):
+    """``fn(x, *params)``: the torch module called with its ``weight`` (then ``bias``) replaced
+    by ``params``, those it has."""
+
+    def run(x, *params):
+        replaced = dict(zip(("weight", "bias"), params, strict=False))
+        return torch.func.functional_call(module, replaced, (x,))
+
+    return run
+
+
+def _initial_params(layer):
+    """The layer's initial parameters in ``_params_fn`` order."""
+    params = mx.transform(layer)[0](jax.random.key(0)).get("params", {})
+    return [params[name] for name in ("scale", "bias") if name in params]
+
+
+def _affine(torch, affine, size=5):
+    return [torch.rand(size) + 0.5, torch.randn(size)] if affine else []
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 3, 5)], ids=["no-batch", "2-batch-axes"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_layer_norm_matches_torch(torch, assert_matches_torch, shape, affine):
+    layer = LayerNorm(5, epsilon=1e-3, use_scale=affine, use_bias=affine)
+    params = _affine(torch, affine)
+    assert_matches_torch(
+        _params_fn(layer),
+        _torch_fn(torch, torch.nn.LayerNorm(5, eps=1e-3, elementwise_affine=affine)),
+        [torch.randn(*shape) * 2 + 1, *params],
+        layouts=[None] * (1 + len(params)),
+    )
+
+
+@pytest.mark.parametrize("use_scale", [True, False])
+def test_rms_norm_matches_torch(torch, assert_matches_torch, use_scale):
+    reference = torch.nn.RMSNorm(5, eps=1e-6, elementwise_affine=use_scale)
+    params = [torch.rand(5) + 0.5] if use_scale else []
+    assert_matches_torch(
+        _params_fn(RMSNorm(5, use_scale=use_scale)),
+        _torch_fn(torch, reference),
+        [torch.randn(2, 3, 5) + 0.5, *params],
+        layouts=[None] * (1 + len(params)),
+    )
+
+
+@pytest.mark.parametrize(
+    "torch_shape, num_groups",
+    [((4, 6), 3), ((2, 6, 5), 3), ((2, 6, 3, 4), 2), ((2, 6, 3, 4), 1), ((2, 6, 3, 4), 6)],
+    ids=["0d", "1d", "2d", "2d-one-group", "2d-group-per-channel"],
+)
+def test_group_norm_matches_torch(torch, assert_matches_torch, torch_shape, num_groups):
+    reference = torch.nn.GroupNorm(num_groups, 6, eps=1e-3)
+    layout = TO_CHANNELS_LAST[len(torch_shape)]
+    assert_matches_torch(
+        _params_fn(GroupNorm(num_groups, 6, epsilon=1e-3)),
+        _torch_fn(torch, reference),
+        [torch.randn(*torch_shape) * 2 + 1, *_affine(torch, True, 6)],
+        layouts=[layout, None, None],
+        out_layout=layout,
+    )
+
+
+@pytest.mark.parametrize("torch_shape", [(2, 3, 5), (2, 3, 4, 5)], ids=["1d", "2d"])
+def test_instance_norm_matches_torch_affine(torch, assert_matches_torch, torch_shape):
+    module = {3: torch.nn.InstanceNorm1d, 4: torch.nn.InstanceNorm2d}[len(torch_shape)]
+    reference = module(3, eps=1e-3, affine=True)
+    layout = TO_CHANNELS_LAST[len(torch_shape)]
+    assert_matches_torch(
+        _params_fn(InstanceNorm(3, epsilon=1e-3)),
+        _torch_fn(torch, reference),
+        [torch.randn(*torch_shape) * 2 + 1, *_affine(torch, True, 3)],
+        layouts=[layout, None, None],
+        out_layout=layout,
+    )
+
+
+@pytest.mark.parametrize("torch_shape", [(2, 3, 5), (2, 3, 4, 5)], ids=["1d", "2d"])
+@pytest.mark.parametrize("affine", [False, True], ids=["no-params", "initial-params"])
+def test_instance_norm_matches_torch_default(torch, assert_matches_torch, torch_shape, affine):
+    # PyTorch's default is affine=False: ours without parameters, or with its initial ones.
+    module = {3: torch.nn.InstanceNorm1d, 4: torch.nn.InstanceNorm2d}[len(torch_shape)]
+    layer = InstanceNorm(3, use_scale=affine, use_bias=affine)
+    fn, params = _params_fn(layer), _initial_params(layer)
+    layout = TO_CHANNELS_LAST[len(torch_shape)]
+    assert_matches_torch(
+        lambda x: fn(x, *params),
+        module(3),
+        [torch.randn(*torch_shape) * 2 + 1],
+        layouts=[layout],
+        out_layout=layout,
+    )
+
+
+@pytest.mark.parametrize(
+    "layer", [GroupNorm(2, 4), InstanceNorm(4)], ids=["GroupNorm", "InstanceNorm"]
+)
+def test_first_axis_is_the_only_batch_axis(layer):
+    # (a, b, h, size) is batch a with spatial axes (b, h), as (a, b * h, size).
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 5, 4)), jnp.float32)
+    fn, params = _params_fn(layer), _initial_params(layer)
+    y = fn(x, *params)
+    pooled = fn(x.reshape(2, 15, 4), *params).reshape(y.shape)
+    np.testing.assert_allclose(y, pooled, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(y[:, 0], fn(x[:, 0], *params), atol=1e-2)
+
+
+NORMS = {
+    "LayerNorm": lambda **kw: LayerNorm(3, **kw),
+    "RMSNorm": lambda **kw: RMSNorm(3, **kw),
+    "GroupNorm": lambda **kw: GroupNorm(1, 3, **kw),
+    "InstanceNorm": lambda **kw: InstanceNorm(3, **kw),
+}
+
+
+@pytest.mark.parametrize(
+    "make, shape, axes",
+    [(LayerNorm, (2, 32), (1,)), (InstanceNorm, (2, 32, 4), (1,)), (GroupNorm, (2, 8, 4), (1, 2))],
+    ids=["LayerNorm", "InstanceNorm", "GroupNorm"],
+)
+def test_variance_is_two_pass_per_example(make, shape, axes):
+    # Mean 1000, spread 0.01: E[x^2] - E[x]^2 in float32 loses every digit of the variance.
+    size_args = (1, shape[-1]) if make is GroupNorm else (shape[-1],)
+    layer = make(*size_args, epsilon=0.0, use_scale=False, use_bias=False)
+    x = 1000 + 0.01 * np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    y = _params_fn(layer)(jnp.asarray(x))
+    x64 = x.astype(np.float64)
+    expected = (x64 - x64.mean(axes, keepdims=True)) / x64.std(axes, keepdims=True)
+    # The float32 mean of values near 1000 is itself off by ~1e-4, ~1e-2 once divided by the
+    # spread; one pass would be off by ~1e4.
+    np.testing.assert_allclose(y, expected, atol=5e-2)
+
+
+@pytest.mark.parametrize("make", NORMS.values(), ids=NORMS.keys())
+def test_norm_computation_dtype(make):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)) + 3, jnp.float32)
+    layer = make(dtype=jnp.bfloat16)
+    init_fn, apply_fn = mx.transform(layer)
+    variables = init_fn(jax.random.key(0))
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    y, _ = apply_fn(variables, None, x)
+    assert y.dtype == jnp.bfloat16
+    expected, _ = mx.transform(make())[1](variables, None, x)
+    np.testing.assert_allclose(y.astype(jnp.float32), expected, atol=3e-2, rtol=1e-2)
+    grads = jax.grad(lambda v: apply_fn(v, None, x)[0].astype(jnp.float32).sum())(variables)
+    assert {a.dtype for a in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("make", NORMS.values(), ids=NORMS.keys())
+def test_norm_param_dtype_and_float32_statistics(make):
+    init_fn, apply_fn = mx.transform(make(param_dtype=jnp.bfloat16))
+    variables = init_fn(jax.random.key(0))
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+    x16 = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 3)), jnp.bfloat16)
+    y, _ = apply_fn(variables, None, x16)
+    assert y.dtype == jnp.bfloat16
+    # The statistics are sums in float32 even for a bfloat16 computation.
+    jaxpr = jax.make_jaxpr(lambda v, x: apply_fn(v, None, x)[0])(variables, x16)
+    sums = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "reduce_sum"]
+    assert sums and {e.invars[0].aval.dtype for e in sums} == {jnp.dtype(jnp.float32)}
+    # dtype=None with a float32 input: promoted to float32.
+    y32, _ = apply_fn(variables, None, x16.astype(jnp.float32))
+    assert y32.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "layer, expected",
+    [
+        (LayerNorm(4), {"scale": 1.0, "bias": 0.0}),
+        (LayerNorm(4, use_scale=False), {"bias": 0.0}),
+        (RMSNorm(4), {"scale": 1.0}),
+        (RMSNorm(4, use_scale=False), {}),
+        (GroupNorm(2, 4, use_bias=False), {"scale": 1.0}),
+        (InstanceNorm(4, scale_init=mx.initializers.constant(0.5)), {"scale": 0.5, "bias": 0.0}),
+    ],
+)
+def test_norm_variables(layer, expected):
+    variables = mx.transform(layer)[0](jax.random.key(0))
+    assert jax.tree.map(jnp.shape, variables) == (
+        {"params": {name: (4,) for name in expected}} if expected else {}
+    )
+    for name, value in expected.items():
+        np.testing.assert_array_equal(variables["params"][name], np.full(4, value))
+
+
+class _Wrapped(mx.Module):
+    def __init__(self, layer):
+        self.norm = layer
+
+    def __call__(self, x):
+        return self.norm(x)
+
+
+@pytest.mark.parametrize(
+    "make, shape, expected",
+    [
+        (lambda: LayerNorm(4), (2, 5), ["(..., 4)", "size=4", "(2, 5)", "features last"]),
+        (lambda: LayerNorm(4), (), ["(..., 4)", "()"]),
+        (lambda: RMSNorm(4), (2, 3), ["(..., 4)", "size=4", "(2, 3)"]),
+        (lambda: GroupNorm(2, 4), (2, 3, 5), ["(batch, *spatial, 4)", "(2, 3, 5)"]),
+        (lambda: GroupNorm(2, 4), (4,), ["(2+ axes)", "(4,)", "x[None]"]),
+        (lambda: InstanceNorm(4), (2, 3, 5), ["(batch, *spatial, 4)", "size=4", "(2, 3, 5)"]),
+        (lambda: InstanceNorm(4), (2, 4), ["at least one spatial axis", "(2, 4)", "x[None]"]),
+    ],
+    ids=["ln-size", "ln-scalar", "rms-size", "gn-size", "gn-axes", "in-size", "in-axes"],
+)
+def test_norm_bad_input_shape(make, shape, expected):
+    init_fn, apply_fn = mx.transform(_Wrapped(make()))
+    with pytest.raises(mx.errors.InputShapeError) as info:
+        apply_fn(init_fn(jax.random.key(0)), None, jnp.ones(shape))
+    message = str(info.value)
+    assert f"{type(make()).__name__} at 'norm'" in message
+    for text in expected:
+        assert text in message
+
+
+def test_group_norm_bad_num_groups():
+    with pytest.raises(mx.errors.LayerConfigError) as info:
+        GroupNorm(3, 8)
+    assert "num_groups=3" in str(info.value) and "size=8" in str(info.value)
+    assert "[1, 2, 4, 8]" in str(info.value)
+    with pytest.raises(mx.errors.LayerConfigError, match="`num_groups` must be a positive int"):
+        GroupNorm(0, 8)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LayerNorm(0),
+        lambda: RMSNorm(-1),
+        lambda: GroupNorm(2, 2.5),
+        lambda: InstanceNorm(True),
+    ],
+)
+def test_norm_bad_size(make):
+    with pytest.raises(mx.errors.LayerConfigError, match="`size` must be a positive int"):
+        make()
+
+
+def test_norm_repr():
+    assert LayerNorm(4).extra_repr() == "size=4, epsilon=1e-05"
+    assert LayerNorm(4, use_bias=False).extra_repr() == "size=4, epsilon=1e-05, use_bias=False"
+    assert RMSNorm(4).extra_repr() == "size=4, epsilon=1e-06"
+    assert RMSNorm(4, use_scale=False).extra_repr() == "size=4, epsilon=1e-06, use_scale=False"
+    assert GroupNorm(2, 4).extra_repr() == "num_groups=2, size=4, epsilon=1e-05"
+    assert (
+        InstanceNorm(4, epsilon=1e-3, use_scale=False, use_bias=False).extra_repr()
+        == "size=4, epsilon=0.001, use_scale=False, use_bias=False"
+    )
+    assert "num_groups=2, size=4, epsilon=1e-05" in repr(GroupNorm(2, 4))
