@@ -37,10 +37,10 @@ from metoryx.nn.activations import (
     swish,
     tanh,
 )
-from metoryx.nn.conv import Conv
+from metoryx.nn.conv import Conv, ConvTranspose
 from metoryx.nn.dropout import dropout
-from metoryx.nn.linear import Dense
-from metoryx.nn.normalization import BatchNorm
+from metoryx.nn.linear import Dense, Einsum, Embed
+from metoryx.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from metoryx.nn.pooling import avg_pool, max_pool, min_pool
 
 __version__ = "0.1.0"
@@ -48,10 +48,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "Conv",
+    "ConvTranspose",
     "Dense",
+    "Einsum",
+    "Embed",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
     "Module",
     "PRNGKeys",
     "Parameter",
+    "RMSNorm",
     "State",
     "Transformed",
     "Variable",

@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = [
     "ApplyContextError",
     "ImmutableModuleError",
+    "InputDtypeError",
     "InputShapeError",
     "LayerConfigError",
     "MethodError",
@@ -238,6 +239,20 @@ class InputShapeError(MetoryxError, ValueError):
         ...     apply_fn(init_fn(jax.random.key(0)), None, jnp.ones((1, 4)))
         ... except mx.errors.InputShapeError as e:
         ...     print("in_size=3" in str(e))
+        True
+    """
+
+
+class InputDtypeError(MetoryxError, TypeError):
+    """A layer was called on an input whose dtype it cannot take (e.g. float ids for an Embed).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> init_fn, apply_fn = mx.transform(mx.Embed(10, 4))
+        >>> try:
+        ...     apply_fn(init_fn(jax.random.key(0)), None, jnp.ones(3))
+        ... except mx.errors.InputDtypeError as e:
+        ...     print("integer" in str(e))
         True
     """
 

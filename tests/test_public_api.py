@@ -54,7 +54,21 @@ def test_every_error_subclasses_a_builtin_and_has_an_example(name):
     assert issubclass(cls, builtins), f"{name} subclasses no matching builtin"
 
 
-@pytest.mark.parametrize("name", ["Dense", "Conv", "BatchNorm"])
+def _layers_with_dtypes():
+    return sorted(
+        name
+        for name in mx.__all__
+        if inspect.isclass(getattr(mx, name))
+        and issubclass(getattr(mx, name), mx.Module)
+        and "param_dtype" in inspect.signature(getattr(mx, name)).parameters
+    )
+
+
+def test_the_dtype_check_covers_the_layers():
+    assert {"Dense", "Conv", "BatchNorm"} <= set(_layers_with_dtypes())
+
+
+@pytest.mark.parametrize("name", _layers_with_dtypes())
 def test_layer_docstrings_explain_dtype_and_param_dtype(name):
     doc = inspect.getdoc(getattr(mx, name))
     assert "computation" in doc and "param_dtype" in doc and "storage" in doc

@@ -1,9 +1,10 @@
-"""Conv: N-dimensional convolution over channels-last inputs."""
+"""Conv and ConvTranspose: N-dimensional convolutions over channels-last inputs."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -104,14 +105,7 @@ class Conv(Module):
         self.strides = window_sizes("Conv", "strides", strides, ndim)
         self.padding = parse_padding("Conv", padding, ndim)
         self.dilation = window_sizes("Conv", "dilation", dilation, ndim)
-        self.groups = positive_int("Conv", "groups", groups)
-        if self.in_size % self.groups or self.out_size % self.groups:
-            raise errors.LayerConfigError(
-                f"Conv: groups={self.groups} must divide both in_size={self.in_size} and "
-                f"out_size={self.out_size}. Choose groups among the common divisors of the two "
-                f"sizes (groups={math.gcd(self.in_size, self.out_size)} is the largest), or "
-                f"change the sizes."
-            )
+        self.groups = _groups("Conv", self.in_size, self.out_size, groups)
         self.use_bias = use_bias
         self.dtype = dtype
         kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
@@ -148,37 +142,263 @@ class Conv(Module):
             InputShapeError: if ``x`` has too few axes, its last axis is not ``in_size``
                 long, or a spatial axis is shorter than the (dilated) kernel.
         """
-        if not isinstance(x, jax.Array):
-            x = jnp.asarray(x)
-        ndim = len(self.kernel_size)
-        shape = x.shape
-        if len(shape) < ndim + 1 or shape[-1] != self.in_size:
-            raise errors.InputShapeError(
-                f"{module_label(self)}: expected an input of shape (*batch, "
-                f"{', '.join(f's{i}' for i in range(1, ndim + 1))}, {self.in_size}) with "
-                f"{ndim} spatial axes (len(kernel_size)={ndim}) and in_size={self.in_size} "
-                f"channels last, got shape "
-                f"{shape}. Put channels on the last axis (e.g. x.transpose(0, 2, 3, 1) for a "
-                f"PyTorch NCHW image), or build the layer with the right in_size/kernel_size."
-            )
+        x = _channels_last_input(self, x)
         check_window_fits(
-            lambda: module_label(self), shape, self.kernel_size, self.dilation, self.padding
+            lambda: module_label(self), x.shape, self.kernel_size, self.dilation, self.padding
         )
         kernel, bias = self.kernel, self.bias
         dtype = compute_dtype(self.dtype, x, kernel, bias)
-        # lax takes exactly one batch axis: flatten several, add one if there is none.
-        batch = shape[: len(shape) - ndim - 1]
-        if len(batch) != 1:
-            x = jnp.reshape(x, (math.prod(batch), *shape[len(batch) :]))
-        y = lax.conv_general_dilated(
+        y = _one_batch_axis(
+            lambda x: lax.conv_general_dilated(
+                x,
+                cast(kernel, dtype),
+                window_strides=self.strides,
+                padding=self.padding,
+                rhs_dilation=self.dilation,
+                dimension_numbers=_dimension_numbers(len(self.kernel_size)),
+                feature_group_count=self.groups,
+            ),
             cast(x, dtype),
-            cast(kernel, dtype),
-            window_strides=self.strides,
-            padding=self.padding,
-            rhs_dilation=self.dilation,
-            dimension_numbers=_dimension_numbers(ndim),
-            feature_group_count=self.groups,
+            len(self.kernel_size),
         )
-        if len(batch) != 1:
-            y = jnp.reshape(y, (*batch, *y.shape[1:]))
         return y if bias is None else add_bias(y, cast(bias, dtype))
+
+
+class ConvTranspose(Module):
+    """An N-dimensional transposed convolution over channels-last inputs, as PyTorch's
+    ``ConvTranspose1d/2d/3d``.
+
+    The gradient of :class:`Conv` with respect to its input: each input position ``i``
+    scatters ``x[i] * kernel[j]`` to output position ``i * strides + j * dilation - padding``.
+    Along each spatial axis the output has size::
+
+        (size - 1) * strides - 2 * padding + dilation * (kernel_size - 1) + output_padding + 1
+
+    ``padding`` crops that many positions from both ends of the full output, and
+    ``output_padding`` adds positions at the high end only: when ``strides > 1``, several
+    input sizes of a :class:`Conv` give the same output size, and ``output_padding`` picks
+    which of them the transposed convolution returns to. ``kernel_size=4, strides=2,
+    padding=1`` doubles the size.
+
+    **Kernel layout.** ``params["kernel"]`` has shape
+    ``(*kernel_size, in_size // groups, out_size)``, the same layout as :class:`Conv` (output
+    channel ``c`` of group ``g = c // (out_size // groups)`` reads input channels
+    ``g * in_size // groups`` onwards), not flipped. PyTorch's weight ``w`` of shape
+    ``(in_size, out_size // groups, *kernel_size)`` becomes ours as::
+
+        w.reshape(groups, in_size // groups, out_size // groups, *kernel_size)
+         .permute(*range(3, 3 + ndim), 1, 0, 2)
+         .reshape(*kernel_size, in_size // groups, out_size)
+
+    (with ``groups=1``: ``w.permute(*range(2, 2 + ndim), 0, 1)``). The default initializer
+    is LeCun normal over that layout, ``fan_in = prod(kernel_size) * in_size // groups``.
+
+    Args:
+        in_size: number of input channels (the last axis of the input).
+        out_size: number of output channels (the last axis of the output).
+        kernel_size: window size per spatial axis; an int means one spatial axis.
+        strides: step per spatial axis in the output, an int for all of them.
+        padding: positions cropped from both ends of each spatial axis of the output, an int
+            for all of them or one per spatial axis (PyTorch's ``padding``).
+        dilation: kernel dilation per spatial axis, an int for all of them.
+        output_padding: positions added at the high end of each spatial axis of the output,
+            an int or one per spatial axis; each must be smaller than that axis's stride or
+            its dilation (PyTorch's rule).
+        groups: number of channel groups; each group of ``in_size // groups`` input channels
+            makes its own ``out_size // groups`` output channels. Must divide both sizes.
+        use_bias: whether to add a learned bias.
+        kernel_init: initializer of the kernel, of shape
+            ``(*kernel_size, in_size // groups, out_size)``.
+        bias_init: initializer of the bias, of shape ``(out_size,)``.
+        dtype: the computation dtype (None: inferred from inputs and parameters).
+        param_dtype: the storage dtype of the parameters.
+
+    Raises:
+        LayerConfigError: if a size is not a positive int, a per-axis argument has the wrong
+            length, a padding is negative, an ``output_padding`` is not smaller than its
+            stride or dilation, or ``groups`` does not divide both sizes.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> up = mx.ConvTranspose(8, 3, kernel_size=(4, 4), strides=2, padding=1)
+        >>> init_fn, apply_fn = mx.transform(up)
+        >>> variables = init_fn(jax.random.key(0))
+        >>> variables["params"]["kernel"].shape
+        (4, 4, 8, 3)
+        >>> y, _ = apply_fn(variables, None, jnp.ones((2, 16, 16, 8)))
+        >>> y.shape
+        (2, 32, 32, 3)
+    """
+
+    def __init__(
+        self,
+        in_size: int,
+        out_size: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        output_padding: int | Sequence[int] = 0,
+        groups: int = 1,
+        use_bias: bool = True,
+        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        bias_init: Initializer = initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__()
+        name = "ConvTranspose"
+        self.in_size = positive_int(name, "in_size", in_size)
+        self.out_size = positive_int(name, "out_size", out_size)
+        self.kernel_size = window_sizes(name, "kernel_size", kernel_size, None)
+        ndim = len(self.kernel_size)
+        self.strides = window_sizes(name, "strides", strides, ndim)
+        self.padding = _non_negative_ints(name, "padding", padding, ndim)
+        self.dilation = window_sizes(name, "dilation", dilation, ndim)
+        self.output_padding = _non_negative_ints(name, "output_padding", output_padding, ndim)
+        for axis, (extra, s, d) in enumerate(
+            zip(self.output_padding, self.strides, self.dilation, strict=True)
+        ):
+            if extra >= s and extra >= d:
+                raise errors.LayerConfigError(
+                    f"{name}: output_padding={self.output_padding} must be smaller than either "
+                    f"the stride or the dilation of each spatial axis, but axis {axis} has "
+                    f"output_padding {extra}, stride {s} and dilation {d}. Use output_padding "
+                    f"below {max(s, d)} there (it only picks among the sizes a stride makes)."
+                )
+        self.groups = _groups(name, self.in_size, self.out_size, groups)
+        self.use_bias = use_bias
+        self.dtype = dtype
+        kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
+        self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)
+        self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
+
+    def extra_repr(self) -> str:
+        config = [
+            f"in_size={self.in_size}",
+            f"out_size={self.out_size}",
+            f"kernel_size={self.kernel_size}",
+        ]
+        defaults = {"strides": 1, "padding": 0, "dilation": 1, "output_padding": 0, "groups": 1}
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value not in (default, (default,) * len(self.kernel_size)):
+                config.append(f"{name}={value!r}")
+        if not self.use_bias:
+            config.append("use_bias=False")
+        return ", ".join(config)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the transposed convolution.
+
+        Args:
+            x: input of shape ``(*batch, *spatial, in_size)``, with ``len(kernel_size)``
+                spatial axes and any number (0 or more) of leading batch axes.
+
+        Returns:
+            The output, of shape ``(*batch, *out_spatial, out_size)`` (sizes as in the class
+            docs) and the computation dtype.
+
+        Raises:
+            InputShapeError: if ``x`` has too few axes, its last axis is not ``in_size``
+                long, or the padding crops a spatial axis of the output to nothing.
+        """
+        x = _channels_last_input(self, x)
+        ndim = len(self.kernel_size)
+        # A convolution of the input dilated by the strides, with the kernel flipped, padded
+        # so that every position a kernel tap reaches is kept (then cropped by `padding`).
+        pads = []
+        for axis, (size, k, s, p, d, extra) in enumerate(
+            zip(
+                x.shape[x.ndim - ndim - 1 : -1],
+                self.kernel_size,
+                self.strides,
+                self.padding,
+                self.dilation,
+                self.output_padding,
+                strict=True,
+            )
+        ):
+            full = d * (k - 1)
+            if (size - 1) * s - 2 * p + full + extra + 1 < 1:
+                raise errors.InputShapeError(
+                    f"{module_label(self)}: spatial axis {axis} of the input (shape {x.shape}) "
+                    f"has size {size}, which gives an output of size "
+                    f"{(size - 1) * s - 2 * p + full + extra + 1}: padding {p} crops more "
+                    f"than the {(size - 1) * s + full + extra + 1} positions there. Give a "
+                    f"larger input, or build the layer with a smaller padding."
+                )
+            pads.append((full - p, full - p + extra))
+        kernel, bias = self.kernel, self.bias
+        dtype = compute_dtype(self.dtype, x, kernel, bias)
+        flipped = lax.rev(cast(kernel, dtype), tuple(range(ndim)))
+        y = _one_batch_axis(
+            lambda x: lax.conv_general_dilated(
+                x,
+                flipped,
+                window_strides=(1,) * ndim,
+                padding=pads,
+                lhs_dilation=self.strides,
+                rhs_dilation=self.dilation,
+                dimension_numbers=_dimension_numbers(ndim),
+                feature_group_count=self.groups,
+            ),
+            cast(x, dtype),
+            ndim,
+        )
+        return y if bias is None else add_bias(y, cast(bias, dtype))
+
+
+def _groups(layer: str, in_size: int, out_size: int, groups: Any) -> int:
+    """``groups`` as an int if it is a positive int dividing both sizes."""
+    groups = positive_int(layer, "groups", groups)
+    if in_size % groups or out_size % groups:
+        raise errors.LayerConfigError(
+            f"{layer}: groups={groups} must divide both in_size={in_size} and "
+            f"out_size={out_size}. Choose groups among the common divisors of the two "
+            f"sizes (groups={math.gcd(in_size, out_size)} is the largest), or "
+            f"change the sizes."
+        )
+    return groups
+
+
+def _channels_last_input(layer: Conv | ConvTranspose, x: Any) -> jax.Array:
+    """``x`` as an array, checked to be ``(*batch, *spatial, in_size)`` for ``layer``."""
+    if not isinstance(x, jax.Array):
+        x = jnp.asarray(x)
+    ndim = len(layer.kernel_size)
+    if x.ndim < ndim + 1 or x.shape[-1] != layer.in_size:
+        raise errors.InputShapeError(
+            f"{module_label(layer)}: expected an input of shape (*batch, "
+            f"{', '.join(f's{i}' for i in range(1, ndim + 1))}, {layer.in_size}) with "
+            f"{ndim} spatial axes (len(kernel_size)={ndim}) and in_size={layer.in_size} "
+            f"channels last, got shape "
+            f"{x.shape}. Put channels on the last axis (e.g. x.transpose(0, 2, 3, 1) for a "
+            f"PyTorch NCHW image), or build the layer with the right in_size/kernel_size."
+        )
+    return x
+
+
+def _one_batch_axis(conv: Callable[[jax.Array], jax.Array], x: jax.Array, ndim: int) -> jax.Array:
+    """``conv`` (which takes exactly one batch axis, as lax does) applied to ``x`` with any
+    number of them: several are flattened, and one is added when there is none."""
+    batch = x.shape[: x.ndim - ndim - 1]
+    if len(batch) == 1:
+        return conv(x)
+    y = conv(jnp.reshape(x, (math.prod(batch), *x.shape[len(batch) :])))
+    return jnp.reshape(y, (*batch, *y.shape[1:]))
+
+
+def _non_negative_ints(layer: str, name: str, value: Any, ndim: int) -> tuple[int, ...]:
+    """An int or ``ndim`` ints, each ``>= 0``, as an ``ndim``-tuple."""
+    values = value if isinstance(value, Sequence) else (value,) * ndim
+    try:
+        sizes = tuple(-1 if isinstance(v, bool) else operator.index(v) for v in values)
+    except TypeError:
+        sizes = ()
+    if len(sizes) != ndim or min(sizes) < 0:
+        raise errors.LayerConfigError(
+            f"{layer}: `{name}` must be a non-negative int or {ndim} of them (one per spatial "
+            f"axis of the {ndim}-d kernel_size), got {value!r}. E.g. {name}=1."
+        )
+    return sizes

@@ -212,8 +212,7 @@ class LayerNorm(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.normalization import LayerNorm
-        >>> init_fn, apply_fn = mx.transform(LayerNorm(4))
+        >>> init_fn, apply_fn = mx.transform(mx.LayerNorm(4))
         >>> variables = init_fn(jax.random.key(0))
         >>> jax.tree.map(jnp.shape, variables)
         {'params': {'bias': (4,), 'scale': (4,)}}
@@ -283,8 +282,7 @@ class RMSNorm(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.normalization import RMSNorm
-        >>> init_fn, apply_fn = mx.transform(RMSNorm(2, epsilon=0.0))
+        >>> init_fn, apply_fn = mx.transform(mx.RMSNorm(2, epsilon=0.0))
         >>> variables = init_fn(jax.random.key(0))
         >>> jax.tree.map(jnp.shape, variables)
         {'params': {'scale': (2,)}}
@@ -372,8 +370,7 @@ class GroupNorm(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.normalization import GroupNorm
-        >>> init_fn, apply_fn = mx.transform(GroupNorm(2, 4))
+        >>> init_fn, apply_fn = mx.transform(mx.GroupNorm(2, 4))
         >>> variables = init_fn(jax.random.key(0))
         >>> jax.tree.map(jnp.shape, variables)
         {'params': {'bias': (4,), 'scale': (4,)}}
@@ -481,8 +478,7 @@ class InstanceNorm(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.normalization import InstanceNorm
-        >>> init_fn, apply_fn = mx.transform(InstanceNorm(3))
+        >>> init_fn, apply_fn = mx.transform(mx.InstanceNorm(3))
         >>> variables = init_fn(jax.random.key(0))
         >>> jax.tree.map(jnp.shape, variables)
         {'params': {'bias': (3,), 'scale': (3,)}}

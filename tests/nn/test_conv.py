@@ -1,5 +1,5 @@
-"""Conv: PyTorch parity in 1, 2 and 3 dimensions, batch axes, the jaxpr of a hand-written
-convolution, dtypes and errors."""
+"""Conv and ConvTranspose: PyTorch parity in 1, 2 and 3 dimensions, batch axes, the jaxpr of a
+hand-written convolution, dtypes and errors."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 from jax import lax
 
 import metoryx as mx
+from metoryx.nn.conv import ConvTranspose
 
 
 def _channels_last(ndim):
@@ -204,4 +205,168 @@ def test_repr():
     assert layer.extra_repr() == (
         "in_size=4, out_size=4, kernel_size=(3,), strides=(2,), padding='VALID', groups=4, "
         "use_bias=False"
+    )
+
+
+# ConvTranspose: (in_size, out_size, kernel_size, input spatial shape, options by PyTorch's names;
+# ours are the same, but `strides` for `stride`).
+TRANSPOSE_CASES = {
+    "1d-output_padding": (4, 6, 3, (5,), dict(stride=2, padding=1, output_padding=1)),
+    "1d-dilation-large-padding": (
+        3,
+        2,
+        2,
+        (4,),
+        dict(stride=3, padding=2, dilation=2, output_padding=2),
+    ),
+    "2d-mixed": (
+        4,
+        6,
+        (3, 2),
+        (4, 5),
+        # axis 1: output_padding 1 is allowed by dilation 2 although the stride is 1.
+        dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), output_padding=(1, 1)),
+    ),
+    "2d-groups": (4, 6, 3, (3, 4), dict(stride=2, padding=1, output_padding=1, groups=2)),
+    "2d-depthwise": (4, 4, 2, (3, 3), dict(stride=2, groups=4)),
+    "3d": (
+        2,
+        4,
+        (2, 3, 2),
+        (3, 4, 2),
+        dict(stride=(2, 1, 2), padding=(0, 1, 1), output_padding=(1, 0, 0)),
+    ),
+}
+
+
+def _transposed_kernel_layout(ndim):
+    # PyTorch (in, out / groups, *kernel), split as (groups, in / groups, out / groups, *kernel),
+    # -> (*kernel, in / groups, groups, out / groups), which reshapes to ours.
+    return (*range(3, ndim + 3), 1, 0, 2)
+
+
+@pytest.mark.parametrize("case", TRANSPOSE_CASES)
+def test_transpose_matches_torch(torch, assert_matches_torch, kernel_bias_fn, case):
+    in_size, out_size, kernel_size, spatial, options = TRANSPOSE_CASES[case]
+    ndim = len(spatial)
+    kernel = (kernel_size,) * ndim if isinstance(kernel_size, int) else kernel_size
+    groups = options.get("groups", 1)
+    split = (groups, in_size // groups, out_size // groups, *kernel)
+    ours = {"strides" if k == "stride" else k: v for k, v in options.items()}
+    layer_fn = kernel_bias_fn(ConvTranspose(in_size, out_size, kernel, **ours))
+    conv_transpose = getattr(torch.nn.functional, f"conv_transpose{ndim}d")
+    assert_matches_torch(
+        lambda x, w, b: layer_fn(x, w.reshape(*kernel, in_size // groups, out_size), b),
+        lambda x, w, b: conv_transpose(
+            x, w.reshape(in_size, out_size // groups, *kernel), b, **options
+        ),
+        [torch.randn(2, in_size, *spatial), torch.randn(*split), torch.randn(out_size)],
+        layouts=[_channels_last(ndim), _transposed_kernel_layout(ndim), None],
+        out_layout=_channels_last(ndim),
+    )
+
+
+def test_transpose_module_matches_torch_module(torch):
+    # The documented weight conversion, on a torch.nn.ConvTranspose2d without bias.
+    theirs = torch.nn.ConvTranspose2d(4, 6, (3, 2), stride=2, groups=2, bias=False)
+    w = theirs.weight.detach()
+    kernel = w.reshape(2, 2, 3, 3, 2).permute(3, 4, 1, 0, 2).reshape(3, 2, 2, 6)
+    _, apply_fn = mx.transform(ConvTranspose(4, 6, (3, 2), strides=2, groups=2, use_bias=False))
+    x = torch.randn(2, 4, 5, 3)
+    y, _ = apply_fn(
+        {"params": {"kernel": jnp.asarray(kernel.numpy())}},
+        None,
+        jnp.asarray(x.permute(0, 2, 3, 1).numpy()),
+    )
+    expected = theirs(x).detach().permute(0, 2, 3, 1).numpy()
+    assert y.shape == expected.shape == (2, 11, 6, 6)
+    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [(), (2, 3)])
+def test_transpose_any_number_of_batch_axes(numpy_init, batch):
+    init_fn, apply_fn = mx.transform(ConvTranspose(3, 4, (3, 3), strides=2, padding=1))
+    variables = numpy_init(init_fn)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((*batch, 4, 4, 3)), jnp.float32)
+    y, _ = apply_fn(variables, None, x)
+    flat, _ = apply_fn(variables, None, x.reshape(-1, 4, 4, 3))
+    assert y.shape == (*batch, 7, 7, 4)
+    np.testing.assert_allclose(y.reshape(flat.shape), flat, atol=1e-6)
+
+
+def test_transpose_variables_and_program(numpy_init):
+    layer = ConvTranspose(6, 9, (3, 2), groups=3)
+    init_fn, apply_fn = mx.transform(layer)
+    shapes = jax.tree.map(jnp.shape, jax.eval_shape(init_fn, jax.random.key(0)))
+    assert shapes == {"params": {"kernel": (3, 2, 2, 9), "bias": (9,)}}
+    no_bias, _ = mx.transform(ConvTranspose(3, 4, 2, use_bias=False))
+    assert jax.tree.map(jnp.shape, jax.eval_shape(no_bias, jax.random.key(0))) == {
+        "params": {"kernel": (2, 3, 4)}
+    }
+    variables = numpy_init(init_fn)
+    jaxpr = jax.make_jaxpr(lambda v, x: apply_fn(v, None, x)[0])(variables, jnp.ones((2, 4, 4, 6)))
+    names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    assert names == ["rev", "conv_general_dilated", "broadcast_in_dim", "add"]
+
+
+def test_transpose_computation_dtype(numpy_init):
+    init_fn, apply_fn = mx.transform(ConvTranspose(3, 4, (2, 2), strides=2, dtype=jnp.bfloat16))
+    variables = numpy_init(init_fn)
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    y, _ = apply_fn(variables, None, jnp.ones((2, 3, 3, 3)))
+    assert y.dtype == jnp.bfloat16 and y.shape == (2, 6, 6, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(output_padding=2, strides=2), "axis 0 has output_padding 2, stride 2 and dilation 1"),
+        (dict(output_padding=(0, 1)), "smaller than either the stride or the dilation"),
+        (dict(padding="SAME"), "`padding` must be a non-negative int or 2 of them"),
+        (dict(padding=(1, -1)), "`padding` must be a non-negative int"),
+        (dict(padding=(1, 1, 1)), "`padding` must be"),
+        (dict(output_padding=1.0), "`output_padding` must be"),
+        (dict(groups=2), "groups=2 must divide both in_size=3"),
+        (dict(strides=(1, 2, 1)), "2 ints"),
+        (dict(kernel_size=(3, 0)), "positive int"),
+    ],
+)
+def test_transpose_bad_config(kwargs, match):
+    config = dict(in_size=3, out_size=4, kernel_size=(3, 3)) | kwargs
+    with pytest.raises(mx.errors.LayerConfigError, match=match):
+        ConvTranspose(**config)
+
+
+class _Up(mx.Module):
+    def __init__(self):
+        self.up = ConvTranspose(3, 4, (1, 1), padding=1)
+
+    def __call__(self, x):
+        return self.up(x)
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ((2, 8, 8, 5), ["in_size=3", "(2, 8, 8, 5)", "channels last"]),
+        ((8, 3), ["2 spatial axes", "(8, 3)"]),
+        ((2, 2, 8, 3), ["spatial axis 0", "size 2", "output of size 0", "smaller padding"]),
+    ],
+)
+def test_transpose_bad_input_shape(numpy_init, shape, expected):
+    init_fn, apply_fn = mx.transform(_Up())
+    with pytest.raises(mx.errors.InputShapeError) as info:
+        apply_fn(numpy_init(init_fn), None, jnp.ones(shape))
+    assert "ConvTranspose at 'up'" in str(info.value)
+    for text in expected:
+        assert text in str(info.value)
+
+
+def test_transpose_repr():
+    layer = ConvTranspose(3, 4, (3, 3))
+    assert layer.extra_repr() == "in_size=3, out_size=4, kernel_size=(3, 3)"
+    layer = ConvTranspose(4, 4, 3, strides=2, padding=1, output_padding=1, groups=4, use_bias=False)
+    assert layer.extra_repr() == (
+        "in_size=4, out_size=4, kernel_size=(3,), strides=(2,), padding=(1,), "
+        "output_padding=(1,), groups=4, use_bias=False"
     )
