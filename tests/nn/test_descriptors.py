@@ -39,6 +39,8 @@ class Descriptor(NamedTuple):
     kwargs: dict[str, Any] = {}
     # False when examples interact (BatchNorm's batch statistics in training).
     per_example: bool = True
+    # An integer-id input in [0, ids) instead of floats (Embed).
+    ids: int | None = None
 
 
 DESCRIPTORS = [
@@ -61,13 +63,30 @@ DESCRIPTORS = [
         per_example=False,
     ),
     Descriptor("BatchNorm/eval", lambda **k: mx.BatchNorm(3, **k), (4, 3), {"is_training": False}),
+    Descriptor("LayerNorm", lambda **k: mx.LayerNorm(4, **k), (2, 3, 4)),
+    Descriptor("RMSNorm", lambda **k: mx.RMSNorm(4, **k), (2, 4)),
+    Descriptor("GroupNorm", lambda **k: mx.GroupNorm(2, 4, **k), (2, 3, 3, 4)),
+    Descriptor("InstanceNorm", lambda **k: mx.InstanceNorm(3, **k), (2, 5, 3)),
+    Descriptor(
+        "Einsum",
+        lambda **k: mx.Einsum("btd,dhk->bthk", (4, 2, 3), bias_shape=(2, 3), **k),
+        (2, 5, 4),
+    ),
+    Descriptor("Embed", lambda **k: mx.Embed(10, 4, **k), (2, 5), ids=10),
+    Descriptor(
+        "ConvTranspose2d",
+        lambda **k: mx.ConvTranspose(3, 2, (3, 3), strides=2, padding=1, output_padding=1, **k),
+        (2, 4, 4, 3),
+    ),
 ]
 
 IDS = [d.name for d in DESCRIPTORS]
 
 
-def _input(d: Descriptor, dtype: Any = jnp.float32) -> jax.Array:
-    return jax.random.normal(jax.random.key(0), d.shape, dtype)
+def _input(d: Descriptor, dtype: Any = jnp.float32, key: Any = 0) -> jax.Array:
+    if d.ids is not None:
+        return jax.random.randint(jax.random.key(key), d.shape, 0, d.ids)
+    return jax.random.normal(jax.random.key(key), d.shape, dtype)
 
 
 def _transformed(d: Descriptor, **dtypes: Any):
@@ -117,16 +136,17 @@ def test_gradients_are_finite_and_jit_equals_eager(d):
         out, _ = run({**variables, "params": params}, x)
         return jnp.sum(jnp.sin(out))
 
-    grads = jax.grad(loss, argnums=(0, 1))(variables["params"], x)
+    argnums = (0,) if d.ids is not None else (0, 1)  # no gradient with respect to ids
+    grads = jax.grad(loss, argnums=argnums)(variables["params"], x)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads[1]))
-    _close(jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x), grads, 1e-5, 1e-6)
+    assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads[-1]))
+    _close(jax.jit(jax.grad(loss, argnums=argnums))(variables["params"], x), grads, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("d", [d for d in DESCRIPTORS if d.per_example], ids=lambda d: d.name)
 def test_vmap_over_a_leading_axis_equals_a_loop(d):
     variables, run = _transformed(d)
-    xs = jax.random.normal(jax.random.key(3), (3, *d.shape))
+    xs = jnp.stack([_input(d, key=k) for k in (3, 4, 5)])
     batched, _ = jax.vmap(run, in_axes=(None, 0))(variables, xs)
     looped = jnp.stack([run(variables, x)[0] for x in xs])
     _close(batched, looped, 1e-5, 1e-6)
@@ -144,7 +164,7 @@ def test_bfloat16_computation_is_close_to_float32(d):
     variables, run32 = _transformed(d)
     _, run16 = _transformed(d, dtype=jnp.bfloat16)
     x = _input(d)
-    out16, _ = run16(variables, x.astype(jnp.bfloat16))
+    out16, _ = run16(variables, x if d.ids is not None else x.astype(jnp.bfloat16))
     out32, _ = run32(variables, x)
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(
