@@ -19,6 +19,7 @@ from metoryx._core.rng import PRNGKeys, next_rng_key
 from metoryx._core.transform import Transformed, apply, init, transform
 from metoryx._core.variables import Parameter, State, Variable
 from metoryx.nn.activations import (
+    PReLU,
     celu,
     elu,
     gelu,
@@ -37,11 +38,13 @@ from metoryx.nn.activations import (
     swish,
     tanh,
 )
+from metoryx.nn.containers import MLP, Flatten, Identity, Lambda, Sequential
 from metoryx.nn.conv import Conv, ConvTranspose
-from metoryx.nn.dropout import dropout
+from metoryx.nn.dropout import Dropout, dropout
 from metoryx.nn.linear import Dense, Einsum, Embed
 from metoryx.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
-from metoryx.nn.pooling import avg_pool, max_pool, min_pool
+from metoryx.nn.pooling import adaptive_avg_pool, avg_pool, global_avg_pool, max_pool, min_pool
+from metoryx.nn.positional import apply_rotary, rotary_frequencies, sinusoidal_embedding
 
 __version__ = "0.1.0"
 
@@ -50,19 +53,28 @@ __all__ = [
     "Conv",
     "ConvTranspose",
     "Dense",
+    "Dropout",
     "Einsum",
     "Embed",
+    "Flatten",
     "GroupNorm",
+    "Identity",
     "InstanceNorm",
+    "Lambda",
     "LayerNorm",
+    "MLP",
     "Module",
     "PRNGKeys",
+    "PReLU",
     "Parameter",
     "RMSNorm",
+    "Sequential",
     "State",
     "Transformed",
     "Variable",
+    "adaptive_avg_pool",
     "apply",
+    "apply_rotary",
     "assign_variables",
     "avg_pool",
     "celu",
@@ -70,6 +82,7 @@ __all__ = [
     "elu",
     "errors",
     "gelu",
+    "global_avg_pool",
     "glu",
     "hard_tanh",
     "init",
@@ -83,9 +96,11 @@ __all__ = [
     "next_rng_key",
     "relu",
     "relu6",
+    "rotary_frequencies",
     "selu",
     "sigmoid",
     "silu",
+    "sinusoidal_embedding",
     "softmax",
     "softplus",
     "swish",

@@ -9,7 +9,9 @@ from metoryx import initializers
 from metoryx.nn import activations
 
 # Activations are JAX's own functions, re-exported as they are; JAX documents them.
-REEXPORTED_FROM_JAX = set(activations.__all__)
+REEXPORTED_FROM_JAX = {
+    name for name in activations.__all__ if getattr(activations, name).__module__.startswith("jax")
+}
 
 
 def _ours(names):

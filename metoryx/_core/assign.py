@@ -78,7 +78,7 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
     if strict and (missing or unused):
         raise errors.VariablesStructureError(mismatch_report(missing, unused))
 
-    memo: dict[int, Any] = {id(v._value): v._value for v in wanted.values() if v._value is not None}
+    memo = tree.copy_memo()
     result = copy.deepcopy(model, memo)
     for path, var in wanted.items():
         if path in given:

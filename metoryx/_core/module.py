@@ -160,6 +160,16 @@ def calling_module_label() -> str | None:
     return None
 
 
+def function_label(name: str) -> str:
+    """How error messages name a function such as ``max_pool``: with the layer calling it.
+
+    ``"max_pool in Net at 'encoder'"`` when called from a module's method inside apply_fn, else
+    just ``"max_pool"``. Error paths only: it walks the call stack.
+    """
+    caller = calling_module_label()
+    return name if caller is None else f"{name} in {caller}"
+
+
 def _outside_apply(module: Module, name: str) -> errors.ApplyContextError:
     return errors.ApplyContextError(
         f"{module_label(module)}.{name} was read outside apply_fn. A transformed model's arrays "
@@ -214,7 +224,7 @@ def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module 
         for key, item in value.items():
             part = key_str(key)
             if part is None:
-                if _holds_any(item):
+                if holds_modules_or_variables(item):
                     raise _hidden(
                         owner, path, f"dict key {key!r} (only str and int keys make paths)"
                     )
@@ -228,11 +238,11 @@ def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module 
                 )
             used[part] = key
             yield from found
-    elif _holds_any(value):
+    elif holds_modules_or_variables(value):
         raise _hidden(owner, path, f"a {type(value).__name__}")
 
 
-def _holds_any(value: Any, depth: int = 4) -> bool:
+def holds_modules_or_variables(value: Any, depth: int = 4) -> bool:
     """Whether a Module or Variable sits inside ``value`` (a few levels deep)."""
     if isinstance(value, (Module, Variable)):
         return True
@@ -246,7 +256,7 @@ def _holds_any(value: Any, depth: int = 4) -> bool:
         attrs = getattr(value, "__dict__", None)
         items = list(attrs.values()) if isinstance(attrs, dict) else []
         items += _slot_values(value)
-    return any(_holds_any(item, depth - 1) for item in items)
+    return any(holds_modules_or_variables(item, depth - 1) for item in items)
 
 
 def _slot_values(value: Any) -> list[Any]:

@@ -113,10 +113,7 @@ class _Snapshot:
 
     def __init__(self, model: Module, method: Method):
         tree = walk(model)
-        # Fixed values are immutable arrays: share them instead of copying device memory.
-        memo: dict[int, Any] = {
-            id(v._value): v._value for _, v in tree.variables if v._value is not None
-        }
+        memo = tree.copy_memo()
         try:
             root = copy.deepcopy(model, memo)
         except Exception as e:

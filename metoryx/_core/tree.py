@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import types
+from typing import Any, NamedTuple
 
 from metoryx import errors
-from metoryx._core.module import Module, iter_children
+from metoryx._core.module import Module, holds_modules_or_variables, iter_children
 from metoryx._core.paths import Path, path_str
 from metoryx._core.variables import Variable
 
@@ -15,6 +16,34 @@ class ModuleTree(NamedTuple):
 
     modules: list[tuple[Path, Module]]
     variables: list[tuple[Path, Variable]]
+
+    def copy_memo(self) -> dict[int, Any]:
+        """A ``copy.deepcopy`` memo that keeps immutable leaves of the model by reference.
+
+        Fixed values are JAX arrays (copying one would duplicate device memory), and callables
+        held as configuration (``mx.relu``, a jitted function) would come back as look-alike
+        copies whose identity differs in traced programs. Bound methods are copied, so that
+        they bind to the copied module.
+        """
+        memo: dict[int, Any] = {}
+        for _, var in self.variables:
+            if var._value is not None:
+                memo[id(var._value)] = var._value
+        for _, module in self.modules:
+            for value in vars(module).values():
+                items = value.values() if isinstance(value, dict) else value
+                for item in items if isinstance(value, (list, tuple, dict)) else (value,):
+                    if _shareable(item):
+                        memo[id(item)] = item
+        return memo
+
+
+def _shareable(value: Any) -> bool:
+    return (
+        callable(value)
+        and not isinstance(value, (Module, type, types.MethodType))
+        and not holds_modules_or_variables(value)
+    )
 
 
 def walk(model: Module) -> ModuleTree:

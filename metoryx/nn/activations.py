@@ -1,4 +1,8 @@
-"""Activation functions: JAX's own, re-exported unchanged (each keeps its JAX docstring).
+"""Activations: JAX's own functions, re-exported unchanged, and the PReLU layer.
+
+The functions are JAX's own objects (from ``jax.nn``, and ``jax.numpy.tanh``), each with its
+JAX docstring: ``mx.relu is jax.nn.relu``. ``PReLU``, whose negative slope is learned, is a
+module defined here (see its docstring).
 
 =================  ==============================================================
 ``relu``           ``max(x, 0)``
@@ -30,6 +34,12 @@ Example:
     Array([0.25, 0.25, 0.25, 0.25], dtype=float32)
 """
 
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 from jax.nn import (
     celu,
     elu,
@@ -50,7 +60,14 @@ from jax.nn import (
 )
 from jax.numpy import tanh
 
+from metoryx import errors, initializers
+from metoryx._core.module import Module, module_label
+from metoryx._core.variables import Parameter
+from metoryx.nn._arguments import positive_int
+from metoryx.nn._compute import cast, compute_dtype
+
 __all__ = [
+    "PReLU",
     "celu",
     "elu",
     "gelu",
@@ -69,3 +86,80 @@ __all__ = [
     "swish",
     "tanh",
 ]
+
+
+class PReLU(Module):
+    """Parametric ReLU: ``x`` where ``x > 0``, else ``weight * x``, with the slope learned.
+
+    ``size=1`` learns one slope shared by every element; ``size=C`` learns one slope per
+    channel, the last axis of the input (which must then have ``C`` entries). This is
+    ``torch.nn.PReLU(num_parameters=size, init=init_value)``, with channels last instead of
+    on axis 1. As in PyTorch, the gradient at ``x == 0`` is that of the negative side.
+
+    The slopes are the parameter ``weight`` of shape ``(size,)``, every entry ``init_value``
+    at the start.
+
+    Args:
+        size: number of slopes: 1 (shared) or the number of channels.
+        init_value: the starting value of every slope.
+        param_dtype: the storage dtype of the parameters.
+        dtype: the computation dtype (None: inferred from inputs and parameters).
+
+    Raises:
+        LayerConfigError: if ``size`` is not a positive int.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> init_fn, apply_fn = mx.transform(mx.PReLU(3))
+        >>> variables = init_fn(jax.random.key(0))
+        >>> variables["params"]["weight"]
+        Array([0.25, 0.25, 0.25], dtype=float32)
+        >>> y, _ = apply_fn(variables, None, jnp.array([[-4.0, 0.0, 4.0]]))
+        >>> y
+        Array([[-1.,  0.,  4.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        size: int = 1,
+        init_value: float = 0.25,
+        param_dtype: Any = jnp.float32,
+        dtype: Any = None,
+    ):
+        super().__init__()
+        self.size = positive_int("PReLU", "size", size)
+        self.dtype = dtype
+        self.weight = Parameter(initializers.constant(init_value), (self.size,), param_dtype)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the activation.
+
+        Args:
+            x: input of any shape when ``size == 1``, else of shape ``(*batch, size)``.
+
+        Returns:
+            An array of the shape of ``x`` and the computation dtype.
+
+        Raises:
+            InputShapeError: if ``size > 1`` and the last axis of ``x`` is not ``size`` long.
+        """
+        if not isinstance(x, jax.Array):
+            x = jnp.asarray(x)
+        if self.size == 1:
+            shape: tuple[int, ...] = (1,) * x.ndim
+        elif x.ndim and x.shape[-1] == self.size:
+            shape = (*(1,) * (x.ndim - 1), self.size)
+        else:
+            raise errors.InputShapeError(
+                f"{module_label(self)}: expected an input of shape (..., {self.size}) whose "
+                f"last axis holds the size={self.size} channels, got shape {x.shape}. Put the "
+                f"channels on the last axis (PyTorch puts them on axis 1), or build PReLU with "
+                f"size=1 for one shared slope."
+            )
+        weight = self.weight
+        dtype = compute_dtype(self.dtype, x, weight)
+        x = cast(x, dtype)
+        return jnp.where(x > 0, x, cast(weight, dtype).reshape(shape) * x)

@@ -1,13 +1,31 @@
-"""dropout: randomly zero elements in training, scaling the kept ones to preserve the mean."""
+"""dropout and Dropout: randomly zero elements in training, scaling the kept ones to preserve
+the mean."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from metoryx import errors
+from metoryx._core.module import Module
 from metoryx._core.rng import next_rng_key
+
+
+def check_rate(layer: str, name: str, rate: Any) -> float:
+    """``rate`` as a float if it is a number in ``[0, 1]``, else a ``LayerConfigError``."""
+    try:
+        valid = not isinstance(rate, bool) and 0.0 <= rate <= 1.0
+    except TypeError:  # not a number, or a traced value
+        valid = False
+    if not valid:
+        raise errors.LayerConfigError(
+            f"{layer}: `{name}` is the probability of dropping an element and must be a Python "
+            f"number in [0, 1], got {rate!r}. For a keep probability p, pass {name}=1 - p."
+        )
+    return float(rate)
 
 
 def dropout(
@@ -35,7 +53,7 @@ def dropout(
         An array of the shape and dtype of ``x``.
 
     Raises:
-        LayerConfigError: if ``rate`` is outside ``[0, 1]``.
+        LayerConfigError: if ``rate`` is not a number in ``[0, 1]``.
         MissingRngError: in training with ``0 < rate``, no ``rng`` and no key in ``apply_fn``.
         ApplyContextError: in training with ``0 < rate``, no ``rng`` and called outside
             ``apply_fn``.
@@ -48,11 +66,7 @@ def dropout(
         >>> mx.dropout(x, 0.5, is_training=False) is x
         True
     """
-    if not 0.0 <= rate <= 1.0:
-        raise errors.LayerConfigError(
-            f"dropout: `rate` is the probability of dropping an element and must be in "
-            f"[0, 1], got {rate!r}. For a keep probability p, pass rate=1 - p."
-        )
+    check_rate("dropout", "rate", rate)
     if not is_training or rate == 0.0:
         return x
     if rate == 1.0:
@@ -61,3 +75,52 @@ def dropout(
     keep_prob = 1.0 - rate
     keep = jax.random.bernoulli(key, keep_prob, jnp.shape(x))
     return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class Dropout(Module):
+    """The :func:`~metoryx.dropout` function as a layer, with its rate fixed at construction.
+
+    ``Dropout(rate)(x, is_training)`` is ``dropout(x, rate, is_training)``: in training each
+    element is zeroed with probability ``rate`` and the kept ones are divided by ``1 - rate``;
+    out of training ``x`` is returned unchanged. The key comes from the ``"dropout"`` stream of
+    ``apply_fn``'s ``rngs`` (derived from the ``"default"`` stream when there is no
+    ``"dropout"`` entry). The layer has no variables.
+
+    Args:
+        rate: the probability of dropping an element, a Python number in ``[0, 1]``.
+
+    Raises:
+        LayerConfigError: if ``rate`` is not a number in ``[0, 1]``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> _, apply_fn = mx.transform(mx.Dropout(0.5))
+        >>> x = jnp.ones(8)
+        >>> y, _ = apply_fn({}, jax.random.key(0), x, is_training=True)
+        >>> sorted(set(y.tolist()))
+        [0.0, 2.0]
+        >>> apply_fn({}, None, x, is_training=False)[0] is x
+        True
+    """
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = check_rate("Dropout", "rate", rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+    def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
+        """Applies dropout.
+
+        Args:
+            x: the input, of any shape; a floating dtype.
+            is_training: whether to drop; False returns ``x``.
+
+        Returns:
+            An array of the shape and dtype of ``x``.
+
+        Raises:
+            MissingRngError: in training with ``0 < rate`` and no key in ``apply_fn``.
+        """
+        return dropout(x, self.rate, is_training)

@@ -1,10 +1,13 @@
-"""Pooling over channels-last inputs: max_pool, min_pool and avg_pool.
+"""Pooling over channels-last inputs: max_pool, min_pool, avg_pool, global_avg_pool and
+adaptive_avg_pool.
 
-All three slide a window over the spatial axes of an input ``(*batch, *spatial, channels)``
-(``len(kernel_size)`` spatial axes, any number of leading batch axes) with
+The first three slide a window over the spatial axes of an input ``(*batch, *spatial,
+channels)`` (``len(kernel_size)`` spatial axes, any number of leading batch axes) with
 ``jax.lax.reduce_window``, and take ``kernel_size``, ``strides`` and ``padding`` like
 :class:`metoryx.Conv`, except that ``strides=None`` means ``strides=kernel_size``
 (non-overlapping windows, as in PyTorch) and the default padding is ``"VALID"``.
+``global_avg_pool`` averages the spatial axes away; ``adaptive_avg_pool`` picks the windows
+that give an output of a requested size, as PyTorch's ``AdaptiveAvgPool1d/2d/3d``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors
-from metoryx._core.module import calling_module_label
+from metoryx._core.module import function_label
 from metoryx.nn._arguments import PaddingLike, check_window_fits, parse_padding, window_sizes
 
 
@@ -40,21 +43,21 @@ class _Window:
             self.kernel_size if strides is None else window_sizes(name, "strides", strides, ndim)
         )
         padding = parse_padding(name, padding, ndim)
-        if len(shape) < ndim + 1:
-            raise errors.InputShapeError(
-                f"{_label(name)}: expected an input of shape "
-                f"(*batch, {', '.join(f's{i}' for i in range(1, ndim + 1))}, channels) with "
-                f"{ndim} spatial axes (len(kernel_size)={ndim}) and channels last, got shape "
-                f"{shape}. Add the channel axis (x[..., None] for a single channel), or pass a "
-                f"kernel_size with one entry per spatial axis."
-            )
-        self.spatial = shape[len(shape) - ndim - 1 : -1]
+        self.spatial = _spatial_shape(
+            name,
+            shape,
+            ndim,
+            f"len(kernel_size)={ndim}",
+            "pass a kernel_size with one entry per spatial axis",
+        )
         if isinstance(padding, str):
             padding = tuple(
                 lax.padtype_to_pads(self.spatial, self.kernel_size, self.strides, padding)
             )
         self.padding = padding
-        check_window_fits(lambda: _label(name), shape, self.kernel_size, (1,) * ndim, padding)
+        check_window_fits(
+            lambda: function_label(name), shape, self.kernel_size, (1,) * ndim, padding
+        )
         # Window over every axis of x: size 1 (no pooling) on the batch and channel axes.
         self.batch_ndim = len(shape) - ndim - 1
         ones = (1,) * self.batch_ndim
@@ -201,10 +204,160 @@ def avg_pool(
     return summed / window.counts().astype(x.dtype)
 
 
-def _label(name: str) -> str:
-    """``"max_pool"``, or ``"max_pool in Net at 'encoder'"`` when called inside a layer."""
-    caller = calling_module_label()
-    return name if caller is None else f"{name} in {caller}"
+def global_avg_pool(x: jax.Array, num_spatial_axes: int, keepdims: bool = False) -> jax.Array:
+    """The mean over all spatial axes of ``x``: one value per example and channel.
+
+    The number of spatial axes must be given because the input may have any number of leading
+    batch axes: ``(2, 5, 7, 3)`` is two 5x7 images (``num_spatial_axes=2``) as well as a
+    ``(2, 5)`` batch of 7-long sequences (``num_spatial_axes=1``). Equal to
+    ``adaptive_avg_pool(x, (1,) * num_spatial_axes)`` with ``keepdims=True`` (PyTorch's
+    ``AdaptiveAvgPool2d(1)``), and to ``x.mean(axis=(-3, -2))`` for 2 spatial axes. Integer
+    inputs are averaged in the default floating dtype.
+
+    Args:
+        x: input of shape ``(*batch, *spatial, channels)`` with ``num_spatial_axes`` spatial
+            axes.
+        num_spatial_axes: how many axes before the channel axis to average over.
+        keepdims: whether to keep the spatial axes, with size 1.
+
+    Returns:
+        The means, of shape ``(*batch, channels)`` (``(*batch, 1, ..., 1, channels)`` with
+        ``keepdims``), of the (floating) dtype of ``x``.
+
+    Raises:
+        LayerConfigError: if ``num_spatial_axes`` is not a positive int.
+        InputShapeError: if ``x`` has fewer than ``num_spatial_axes + 1`` axes.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> x = jnp.arange(24.0).reshape(2, 2, 3, 2)  # two 2x3 images with 2 channels
+        >>> mx.global_avg_pool(x, 2)
+        Array([[ 5.,  6.],
+               [17., 18.]], dtype=float32)
+        >>> mx.global_avg_pool(x, 2, keepdims=True).shape
+        (2, 1, 1, 2)
+    """
+    name = "global_avg_pool"
+    if (
+        not isinstance(num_spatial_axes, int)
+        or isinstance(num_spatial_axes, bool)
+        or num_spatial_axes < 1
+    ):
+        raise errors.LayerConfigError(
+            f"{name}: `num_spatial_axes` must be a positive int (the number of axes between "
+            f"the batch axes and the channel axis), got {num_spatial_axes!r}. Pass e.g. "
+            f"num_spatial_axes=2 for images of shape (*batch, height, width, channels)."
+        )
+    x = jnp.asarray(x)
+    _spatial_shape(
+        name,
+        x.shape,
+        num_spatial_axes,
+        f"num_spatial_axes={num_spatial_axes}",
+        "pass num_spatial_axes equal to the number of spatial axes",
+    )
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    axes = tuple(range(x.ndim - num_spatial_axes - 1, x.ndim - 1))
+    return jnp.mean(x, axis=axes, keepdims=keepdims)
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Array:
+    """The mean over windows chosen so that the output has the spatial size ``output_size``.
+
+    Exactly PyTorch's ``AdaptiveAvgPool1d/2d/3d``: along a spatial axis of size ``n``, output
+    cell ``i`` of ``m`` averages the inputs ``floor(i * n / m) <= j < ceil((i + 1) * n / m)``.
+    The windows may overlap by one element when ``m`` does not divide ``n``, and ``m`` may
+    exceed ``n`` (inputs are repeated). Integer inputs are averaged in the default floating
+    dtype.
+
+    The windows are fixed by the shapes, so the work is planned once, at trace time: axes that
+    ``m`` divides are pooled with equal windows in one ``lax.reduce_window`` sum (the program
+    of :func:`metoryx.avg_pool` when every axis divides), and each other axis is summed by
+    a contraction with a constant ``(m, n)`` matrix of zeros and ones (exact at the
+    highest matmul precision); one division by the window sizes ends it. No step of the
+    program is per output cell.
+
+    Args:
+        x: input of shape ``(*batch, *spatial, channels)`` with ``len(output_size)`` spatial
+            axes.
+        output_size: the spatial size of the output, one positive int per spatial axis; an
+            int means one spatial axis.
+
+    Returns:
+        The pooled array ``(*batch, *output_size, channels)``, of the (floating) dtype of
+        ``x``.
+
+    Raises:
+        LayerConfigError: if ``output_size`` is not one or more positive ints.
+        InputShapeError: if ``x`` has too few axes or an empty spatial axis.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> x = jnp.arange(5.0).reshape(5, 1)  # a 5-long sequence, 1 channel
+        >>> mx.adaptive_avg_pool(x, 3)[:, 0]  # windows [0, 2), [1, 4), [3, 5)
+        Array([0.5, 2. , 3.5], dtype=float32)
+        >>> mx.adaptive_avg_pool(jnp.ones((8, 6, 6, 3)), (2, 4)).shape
+        (8, 2, 4, 3)
+    """
+    name = "adaptive_avg_pool"
+    out_sizes = window_sizes(name, "output_size", output_size, None)
+    x = jnp.asarray(x)
+    ndim = len(out_sizes)
+    spatial = _spatial_shape(
+        name,
+        x.shape,
+        ndim,
+        f"len(output_size)={ndim}",
+        "pass an output_size with one entry per spatial axis",
+    )
+    if 0 in spatial:
+        raise errors.InputShapeError(
+            f"{function_label(name)}: spatial axis {spatial.index(0)} of the input (shape "
+            f"{x.shape}) is empty, so its windows would average nothing. Give an input with at "
+            f"least one element along every spatial axis."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    first = x.ndim - ndim - 1
+    kernel = tuple(n // m if n % m == 0 else 1 for n, m in zip(spatial, out_sizes, strict=True))
+    if math.prod(kernel) > 1:
+        window = (1,) * first + kernel + (1,)
+        x = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, window, window, "VALID")
+    counts = np.ones((), np.int64)  # the window size of each output cell
+    for axis, (n, m, k) in enumerate(zip(spatial, out_sizes, kernel, strict=True)):
+        if n % m == 0:
+            counts = np.multiply.outer(counts, np.full(m, k))
+            continue
+        start = np.arange(m) * n // m
+        end = -(-np.arange(1, m + 1) * n // m)
+        member = (np.arange(n) >= start[:, None]) & (np.arange(n) < end[:, None])
+        summed = lax.dot_general(
+            x,
+            np.asarray(member, x.dtype),
+            (((first + axis,), (1,)), ((), ())),
+            precision=lax.Precision.HIGHEST,
+        )
+        x = jnp.moveaxis(summed, -1, first + axis)
+        counts = np.multiply.outer(counts, end - start)
+    if counts.min() == counts.max():
+        return x if counts.max() == 1 else x / int(counts.max())
+    return x / counts.reshape((1,) * first + counts.shape + (1,)).astype(x.dtype)
+
+
+def _spatial_shape(
+    name: str, shape: tuple[int, ...], ndim: int, given: str, fix: str
+) -> tuple[int, ...]:
+    """The ``ndim`` spatial sizes of an input ``(*batch, *spatial, channels)``, or an
+    InputShapeError that says where ``ndim`` came from (``given``) and how to fix it."""
+    if len(shape) < ndim + 1:
+        raise errors.InputShapeError(
+            f"{function_label(name)}: expected an input of shape "
+            f"(*batch, {', '.join(f's{i}' for i in range(1, ndim + 1))}, channels) with "
+            f"{ndim} spatial axes ({given}) and channels last, got shape {shape}. Add the "
+            f"channel axis (x[..., None] for a single channel), or {fix}."
+        )
+    return shape[len(shape) - ndim - 1 : -1]
 
 
 def _lowest(dtype: np.dtype) -> np.ndarray:

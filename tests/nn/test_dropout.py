@@ -1,5 +1,5 @@
-"""dropout: statistics, keys (explicit, per call, per stream, missing), evaluation, dtypes and
-errors."""
+"""dropout and Dropout: statistics, keys (explicit, per call, per stream, missing), evaluation,
+dtypes and errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import metoryx as mx
+from metoryx.nn.dropout import Dropout
 
 
 class _Twice(mx.Module):
@@ -91,3 +92,60 @@ def test_bad_rate(rate):
         mx.dropout(jnp.ones(4), rate, is_training=True)
     assert "[0, 1]" in str(info.value) and repr(rate) in str(info.value)
     assert "rate=1 - p" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Dropout module
+
+
+class _Function(mx.Module):
+    def __call__(self, x, is_training):
+        return mx.dropout(x, 0.5, is_training)
+
+
+def test_module_equals_function():
+    _, apply_module = mx.transform(Dropout(0.5))
+    _, apply_function = mx.transform(_Function())
+    y, variables = apply_module({}, jax.random.key(0), X, is_training=True)
+    assert variables == {}
+    np.testing.assert_array_equal(y, apply_function({}, jax.random.key(0), X, True)[0])
+    assert set(np.asarray(y).tolist()) == {0.0, 2.0}
+    x = jnp.arange(4.0)
+    assert apply_module({}, None, x, is_training=False)[0] is x
+
+
+def test_module_missing_key():
+    class Net(mx.Module):
+        def __init__(self):
+            self.drop = Dropout(0.5)
+
+        def __call__(self, x):
+            return self.drop(x, is_training=True)
+
+    with pytest.raises(mx.errors.MissingRngError) as info:
+        mx.transform(Net()).apply({}, None, jnp.ones(4))
+    assert "dropout" in str(info.value) and "Dropout at 'drop'" in str(info.value)
+
+
+def test_module_rate_edges():
+    x = jnp.ones(4)
+    np.testing.assert_array_equal(
+        mx.transform(Dropout(1)).apply({}, None, x, is_training=True)[0], np.zeros(4)
+    )
+    assert mx.transform(Dropout(0)).apply({}, None, x, is_training=True)[0] is x
+    assert Dropout(1).rate == 1.0 and isinstance(Dropout(1).rate, float)
+    assert Dropout(0.25).extra_repr() == "rate=0.25"
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan"), "0.5", None, True])
+def test_module_bad_rate(rate):
+    with pytest.raises(mx.errors.LayerConfigError) as info:
+        Dropout(rate)
+    message = str(info.value)
+    assert message.startswith("Dropout: `rate`") and "[0, 1]" in message
+    assert repr(rate) in message and "rate=1 - p" in message
+
+
+def test_function_rejects_a_rate_that_is_not_a_number():
+    with pytest.raises(mx.errors.LayerConfigError, match=r"^dropout: `rate`.*'0\.5'"):
+        mx.dropout(jnp.ones(4), "0.5", is_training=True)

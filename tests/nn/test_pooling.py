@@ -183,3 +183,166 @@ def test_every_pool_is_differentiable_under_jit(pool):
     eager = jax.grad(lambda x: pool(x).sum())(X)
     np.testing.assert_allclose(grad, eager, rtol=1e-6)
     assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).sum()) > 0
+
+
+# adaptive_avg_pool and global_avg_pool: (PyTorch channels-first input shape, output size)
+ADAPTIVE_CASES = {
+    "1d-divisible": ((2, 3, 8), (4,)),
+    "1d-overlapping": ((2, 3, 9), (4,)),
+    "1d-larger-output": ((2, 3, 3), (5,)),
+    "2d-divisible": ((2, 3, 6, 8), (3, 2)),
+    "2d-mixed": ((2, 3, 7, 6), (3, 3)),
+    "2d-overlapping": ((1, 2, 7, 5), (4, 3)),
+    "3d-divisible": ((1, 2, 4, 4, 6), (2, 1, 3)),
+    "3d-overlapping": ((1, 2, 5, 4, 7), (2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("case", ADAPTIVE_CASES)
+def test_adaptive_avg_pool_matches_torch(torch, assert_matches_torch, case):
+    shape, output_size = ADAPTIVE_CASES[case]
+    theirs = getattr(torch.nn.functional, f"adaptive_avg_pool{len(output_size)}d")
+    layout = _channels_last(len(output_size))
+    assert_matches_torch(
+        lambda x: mx.nn.pooling.adaptive_avg_pool(x, output_size),
+        lambda x: theirs(x, output_size),
+        [torch.randn(*shape)],
+        layouts=[layout],
+        out_layout=layout,
+    )
+
+
+def test_global_avg_pool_matches_torch(torch, assert_matches_torch):
+    layout = _channels_last(2)
+    assert_matches_torch(
+        lambda x: mx.nn.pooling.global_avg_pool(x, 2, keepdims=True),
+        torch.nn.AdaptiveAvgPool2d(1),
+        [torch.randn(2, 3, 5, 4)],
+        layouts=[layout],
+        out_layout=layout,
+    )
+
+
+def test_global_avg_pool():
+    from metoryx.nn.pooling import adaptive_avg_pool, global_avg_pool
+
+    np.testing.assert_allclose(global_avg_pool(X, 2), X.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(global_avg_pool(X, 1), X.mean(axis=2), rtol=1e-6)
+    kept = global_avg_pool(X, 2, keepdims=True)
+    assert kept.shape == (2, 1, 1, 3)
+    np.testing.assert_allclose(kept, adaptive_avg_pool(X, (1, 1)), rtol=1e-6)
+    np.testing.assert_array_equal(global_avg_pool(X[0], 2), global_avg_pool(X, 2)[0])
+    ints = jnp.arange(8, dtype=jnp.int32).reshape(2, 2, 2)
+    assert global_avg_pool(ints, 1).dtype == jnp.float32
+    np.testing.assert_array_equal(global_avg_pool(ints, 1), [[1.0, 2.0], [5.0, 6.0]])
+    assert global_avg_pool(X.astype(jnp.bfloat16), 2).dtype == jnp.bfloat16
+
+
+def test_adaptive_avg_pool_batch_axes_and_dtypes():
+    # Compiled: one program per shape costs less than compiling each eager operation.
+    adaptive_avg_pool = jax.jit(mx.nn.pooling.adaptive_avg_pool, static_argnums=1)
+    expected = adaptive_avg_pool(X, (4, 3))
+    assert expected.shape == (2, 4, 3, 3)
+    np.testing.assert_array_equal(adaptive_avg_pool(X[0], (4, 3)), expected[0])
+    np.testing.assert_array_equal(adaptive_avg_pool(X[None], (4, 3)), expected[None])
+    # An int output size means one spatial axis: here the 5-long axis of 2 * 6 sequences.
+    np.testing.assert_allclose(adaptive_avg_pool(X, 1)[..., 0, :], X.mean(axis=2), rtol=1e-6)
+    np.testing.assert_array_equal(adaptive_avg_pool(X, (6, 5)), X)  # the identity
+    assert adaptive_avg_pool(X.astype(jnp.bfloat16), (4, 3)).dtype == jnp.bfloat16
+    ints = jnp.arange(5, dtype=jnp.int32).reshape(5, 1)
+    pooled = adaptive_avg_pool(ints, 3)
+    assert pooled.dtype == jnp.float32
+    np.testing.assert_allclose(pooled[:, 0], [0.5, 2.0, 3.5])
+
+
+def _primitives(fn, x):
+    return [e.primitive.name for e in jax.make_jaxpr(fn)(x).jaxpr.eqns]
+
+
+def test_adaptive_avg_pool_program(jitted_equations):
+    from metoryx.nn.pooling import adaptive_avg_pool
+
+    # Every axis divisible: exactly avg_pool's program.
+    assert jitted_equations(lambda x: adaptive_avg_pool(x, (3, 5)), X) == jitted_equations(
+        lambda x: mx.avg_pool(x, (2, 1)), X
+    )
+    # Otherwise one contraction per overlapping axis, whatever the output size: no step per
+    # output cell.
+    long = jnp.ones((2, 97, 3))
+    small = _primitives(lambda x: adaptive_avg_pool(x, 3), long)
+    large = _primitives(lambda x: adaptive_avg_pool(x, 40), long)
+    assert small == large and small.count("dot_general") == 1
+    mixed = _primitives(lambda x: adaptive_avg_pool(x, (3, 4)), jnp.ones((2, 6, 7, 3)))
+    assert mixed.count("reduce_window_sum") == 1 and mixed.count("dot_general") == 1
+
+
+def _reference_adaptive_2d(x, output_size, cotangent):
+    """PyTorch's bins written out cell by cell in NumPy: the pooled ``x`` and the gradient of
+    ``sum(pooled * cotangent)`` with respect to ``x``."""
+    x = np.asarray(x, np.float64)
+    out, grad = np.zeros((x.shape[0], *output_size, x.shape[-1])), np.zeros(x.shape)
+    for i in range(output_size[0]):
+        a, b = i * x.shape[1] // output_size[0], -(-(i + 1) * x.shape[1] // output_size[0])
+        for j in range(output_size[1]):
+            c, d = j * x.shape[2] // output_size[1], -(-(j + 1) * x.shape[2] // output_size[1])
+            out[:, i, j] = x[:, a:b, c:d].mean(axis=(1, 2))
+            grad[:, a:b, c:d] += cotangent[:, i, j, None, None] / ((b - a) * (d - c))
+    return out, grad
+
+
+@pytest.mark.parametrize("output_size", [(3, 3), (4, 2), (5, 7)])
+def test_adaptive_avg_pool_under_jit_matches_reference(output_size):
+    # (3, 3): equal windows on the first axis, overlapping ones on the second; (5, 7): an
+    # output larger than the input along the second axis.
+    from metoryx.nn.pooling import adaptive_avg_pool
+
+    cotangent = np.random.default_rng(1).standard_normal((2, *output_size, 3))
+    out, grad = _reference_adaptive_2d(X, output_size, cotangent)
+    pooled, vjp = jax.jit(jax.vjp, static_argnums=(0,))(
+        lambda x: adaptive_avg_pool(x, output_size), X
+    )
+    np.testing.assert_allclose(pooled, out, atol=1e-6)
+    np.testing.assert_allclose(vjp(jnp.asarray(cotangent, jnp.float32))[0], grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: p.adaptive_avg_pool(X, (2, 0)), "positive int"),
+        (lambda p: p.adaptive_avg_pool(X, "7"), "positive int"),
+        (lambda p: p.adaptive_avg_pool(X, ()), "at least one spatial axis"),
+        (lambda p: p.global_avg_pool(X, 0), "`num_spatial_axes` must be a positive int"),
+        (lambda p: p.global_avg_pool(X, (1, 2)), "got \\(1, 2\\)"),
+        (lambda p: p.global_avg_pool(X, True), "got True"),
+    ],
+)
+def test_global_and_adaptive_bad_arguments(call, match):
+    with pytest.raises(mx.errors.LayerConfigError, match=match):
+        call(mx.nn.pooling)
+
+
+class _Adaptive(mx.Module):
+    def __call__(self, x):
+        return mx.nn.pooling.adaptive_avg_pool(x, (2, 2))
+
+
+class _Global(mx.Module):
+    def __call__(self, x):
+        return mx.nn.pooling.global_avg_pool(x, 3)
+
+
+@pytest.mark.parametrize(
+    "module, shape, expected",
+    [
+        (_Adaptive, (4, 4), ["adaptive_avg_pool in _Adaptive (root)", "len(output_size)=2"]),
+        (_Adaptive, (2, 0, 5, 3), ["spatial axis 0", "is empty"]),
+        (_Global, (4, 4, 4), ["global_avg_pool in _Global (root)", "num_spatial_axes=3"]),
+    ],
+)
+def test_global_and_adaptive_bad_input_shape(module, shape, expected):
+    _, apply_fn = mx.transform(module())
+    with pytest.raises(mx.errors.InputShapeError) as info:
+        apply_fn({}, None, jnp.ones(shape))
+    for text in expected:
+        assert text in str(info.value)
+    assert "x[..., None]" in str(info.value) or "at least one element" in str(info.value)
