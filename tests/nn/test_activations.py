@@ -10,7 +10,6 @@ import metoryx as mx
 from metoryx.nn import activations
 from metoryx.nn.activations import PReLU
 
-
 JAX_FUNCTIONS = [name for name in activations.__all__ if name != "PReLU"]
 
 

@@ -74,6 +74,20 @@ DESCRIPTORS = [
     ),
     Descriptor("Embed", lambda **k: mx.Embed(10, 4, **k), (2, 5), ids=10),
     Descriptor(
+        "Sequential",
+        lambda **k: mx.Sequential(mx.Dense(3, 4, **k), mx.relu, mx.Dense(4, 2, **k)),
+        (2, 3),
+    ),
+    Descriptor("MLP", lambda **k: mx.MLP(3, [5, 5], 2, **k), (2, 3)),
+    Descriptor("PReLU", lambda **k: mx.PReLU(3, **k), (2, 4, 3)),
+    Descriptor(
+        "Dropout/train",
+        lambda **k: mx.Dropout(0.5),
+        (4, 6),
+        {"is_training": True},
+        per_example=False,
+    ),
+    Descriptor(
         "ConvTranspose2d",
         lambda **k: mx.ConvTranspose(3, 2, (3, 3), strides=2, padding=1, output_padding=1, **k),
         (2, 4, 4, 3),
@@ -132,15 +146,17 @@ def test_gradients_are_finite_and_jit_equals_eager(d):
     variables, run = _transformed(d)
     x = _input(d)
 
+    params = variables.get("params", {})  # a layer without parameters (Dropout) has none
+
     def loss(params, x):
-        out, _ = run({**variables, "params": params}, x)
+        out, _ = run({**variables, "params": params} if params else variables, x)
         return jnp.sum(jnp.sin(out))
 
     argnums = (0,) if d.ids is not None else (0, 1)  # no gradient with respect to ids
-    grads = jax.grad(loss, argnums=argnums)(variables["params"], x)
+    grads = jax.grad(loss, argnums=argnums)(params, x)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert any(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads[-1]))
-    _close(jax.jit(jax.grad(loss, argnums=argnums))(variables["params"], x), grads, 1e-5, 1e-6)
+    _close(jax.jit(jax.grad(loss, argnums=argnums))(params, x), grads, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("d", [d for d in DESCRIPTORS if d.per_example], ids=lambda d: d.name)
