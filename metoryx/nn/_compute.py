@@ -1,4 +1,5 @@
-"""The dtype rule every layer shares, and the bias add that traces like hand-written code."""
+"""What layers share: the dtype rule, the bias add that traces like hand-written code, and the
+default kernel initializer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from metoryx import initializers
+
+#: The default kernel initializer of Dense, Conv, ConvTranspose and MLP: LeCun normal.
+DEFAULT_KERNEL_INIT = initializers.lecun_normal()
 
 
 def compute_dtype(dtype: Any, *arrays: jax.Array | None) -> jnp.dtype:

@@ -15,11 +15,10 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx.initializers import Initializer
 from metoryx.nn._arguments import positive_int
+from metoryx.nn._compute import DEFAULT_KERNEL_INIT
 from metoryx.nn.activations import relu
 from metoryx.nn.dropout import check_rate, dropout
 from metoryx.nn.linear import Dense
-
-_DEFAULT_KERNEL_INIT = initializers.lecun_normal()
 
 
 def _checked_layers(layers: Sequence[Any]) -> list[Any]:
@@ -224,7 +223,7 @@ class MLP(Module):
         activation: Callable[[jax.Array], jax.Array] = relu,
         dropout_rate: float = 0.0,
         use_bias: bool = True,
-        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         bias_init: Initializer = initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,

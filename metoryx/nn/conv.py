@@ -22,9 +22,7 @@ from metoryx.nn._arguments import (
     positive_int,
     window_sizes,
 )
-from metoryx.nn._compute import add_bias, cast, compute_dtype
-
-_DEFAULT_KERNEL_INIT = initializers.lecun_normal()
+from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
 
 
 def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -92,7 +90,7 @@ class Conv(Module):
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         use_bias: bool = True,
-        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         bias_init: Initializer = initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -113,19 +111,7 @@ class Conv(Module):
         self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
 
     def extra_repr(self) -> str:
-        config = [
-            f"in_size={self.in_size}",
-            f"out_size={self.out_size}",
-            f"kernel_size={self.kernel_size}",
-        ]
-        defaults = {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1}
-        for name, default in defaults.items():
-            value = getattr(self, name)
-            if value not in (default, (default,) * len(self.kernel_size)):
-                config.append(f"{name}={value!r}")
-        if not self.use_bias:
-            config.append("use_bias=False")
-        return ", ".join(config)
+        return _conv_repr(self, {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the convolution.
@@ -241,7 +227,7 @@ class ConvTranspose(Module):
         output_padding: int | Sequence[int] = 0,
         groups: int = 1,
         use_bias: bool = True,
-        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         bias_init: Initializer = initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
@@ -274,19 +260,8 @@ class ConvTranspose(Module):
         self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
 
     def extra_repr(self) -> str:
-        config = [
-            f"in_size={self.in_size}",
-            f"out_size={self.out_size}",
-            f"kernel_size={self.kernel_size}",
-        ]
         defaults = {"strides": 1, "padding": 0, "dilation": 1, "output_padding": 0, "groups": 1}
-        for name, default in defaults.items():
-            value = getattr(self, name)
-            if value not in (default, (default,) * len(self.kernel_size)):
-                config.append(f"{name}={value!r}")
-        if not self.use_bias:
-            config.append("use_bias=False")
-        return ", ".join(config)
+        return _conv_repr(self, defaults)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the transposed convolution.
@@ -402,3 +377,19 @@ def _non_negative_ints(layer: str, name: str, value: Any, ndim: int) -> tuple[in
             f"axis of the {ndim}-d kernel_size), got {value!r}. E.g. {name}=1."
         )
     return sizes
+
+
+def _conv_repr(layer: Conv | ConvTranspose, defaults: dict[str, Any]) -> str:
+    """Sizes, then each setting that differs from its default, then ``use_bias=False``."""
+    config = [
+        f"in_size={layer.in_size}",
+        f"out_size={layer.out_size}",
+        f"kernel_size={layer.kernel_size}",
+    ]
+    for name, default in defaults.items():
+        value = getattr(layer, name)
+        if value not in (default, (default,) * len(layer.kernel_size)):
+            config.append(f"{name}={value!r}")
+    if not layer.use_bias:
+        config.append("use_bias=False")
+    return ", ".join(config)

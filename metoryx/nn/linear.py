@@ -15,10 +15,7 @@ from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
 from metoryx.nn._arguments import positive_int
-from metoryx.nn._compute import add_bias, cast, compute_dtype
-
-#: The default kernel initializer of Dense and Conv: ``initializers.lecun_normal()``.
-_DEFAULT_KERNEL_INIT = initializers.lecun_normal()
+from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
 
 #: The default table initializer of Embed: ``N(0, 1)``, as ``torch.nn.Embedding``.
 _DEFAULT_EMBEDDING_INIT = initializers.normal()
@@ -55,7 +52,7 @@ class Dense(Module):
         in_size: int,
         out_size: int,
         use_bias: bool = True,
-        kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+        kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         bias_init: Initializer = initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
