@@ -4,6 +4,8 @@ Strict dtype promotion and rank-promotion errors turn silent broadcasting and up
 layers into failures; warnings are errors (see pyproject.toml).
 """
 
+import importlib.util
+
 import jax
 import pytest
 
@@ -17,3 +19,24 @@ def getkey():
     base = jax.random.key(1234)
     counter = iter(range(1 << 30))
     return lambda: jax.random.fold_in(base, next(counter))
+
+
+@pytest.fixture
+def torch():
+    """PyTorch on CPU in float32, deterministic and seeded per test; skips without torch."""
+    torch = pytest.importorskip("torch")
+    torch.set_default_dtype(torch.float32)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)  # tiny tensors: worker threads would only spin
+    torch.manual_seed(0)
+    return torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """The examples of metoryx.interop.torch make torch tensors: skipped without PyTorch, as
+    the parity tests are (PyTorch is installed for Python 3.11 only, see pyproject.toml)."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.name.startswith("metoryx.interop.torch."):
+            item.add_marker(pytest.mark.skip(reason="PyTorch is not installed"))

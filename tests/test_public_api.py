@@ -44,6 +44,15 @@ def test_every_initializer_is_documented_with_an_example(name):
     assert doc and ">>>" in doc, f"mx.initializers.{name} lacks a docstring example"
 
 
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [(m, n) for m in (mx.interop.layout, mx.interop.torch) for n in m.__all__],
+)
+def test_every_interop_name_is_documented_with_an_example(module, name):
+    doc = inspect.getdoc(getattr(module, name))
+    assert doc and ">>>" in doc, f"{module.__name__}.{name} lacks a docstring example"
+
+
 @pytest.mark.parametrize("name", mx.errors.__all__)
 def test_every_error_subclasses_a_builtin_and_has_an_example(name):
     cls = getattr(mx.errors, name)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx.initializers import Initializer
+from metoryx.interop.layout import TorchConversion, torch_conversions
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT
 from metoryx.nn.activations import relu
@@ -90,6 +91,16 @@ class Sequential(Module):
             for i, layer in enumerate(self.layers)
             if not isinstance(layer, Module)
         )
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.Sequential``: the layers' entries are named ``0.weight``, ... (no
+        ``layers.``)."""
+        return [
+            conversion.renamed(f"{i}.", f"layers/{i}/")
+            for i, layer in enumerate(self.layers)
+            if isinstance(layer, Module)
+            for conversion in torch_conversions(layer)
+        ]
 
     def __call__(self, x: Any) -> Any:
         """Applies the layers in order.

@@ -9,12 +9,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
+from metoryx.interop.layout import TorchConversion, transposed
 from metoryx.nn._arguments import (
     PaddingLike,
     check_window_fits,
@@ -112,6 +114,12 @@ class Conv(Module):
 
     def extra_repr(self) -> str:
         return _conv_repr(self, {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1})
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.ConvNd``: ``weight`` ``(out, in / groups, *kernel)`` has the channel
+        axes first."""
+        ndim = len(self.kernel_size)
+        return [transposed("weight", "kernel", (*range(2, ndim + 2), 1, 0))]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the convolution.
@@ -262,6 +270,24 @@ class ConvTranspose(Module):
     def extra_repr(self) -> str:
         defaults = {"strides": 1, "padding": 0, "dilation": 1, "output_padding": 0, "groups": 1}
         return _conv_repr(self, defaults)
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.ConvTransposeNd``: ``weight`` is ``(in, out / groups, *kernel)``, the
+        groups splitting the input axis where ours splits the output axis."""
+        ndim, groups = len(self.kernel_size), self.groups
+        grouped = (groups, self.in_size // groups, self.out_size // groups)
+        kernel_shape = (*self.kernel_size, grouped[1], self.out_size)
+        torch_shape = (self.in_size, self.out_size // groups, *self.kernel_size)
+
+        def to_metoryx(weight: np.ndarray) -> tuple[np.ndarray]:
+            split = weight.reshape(*grouped, *self.kernel_size)
+            return (split.transpose(*range(3, ndim + 3), 1, 0, 2).reshape(kernel_shape),)
+
+        def to_torch(kernel: np.ndarray) -> tuple[np.ndarray]:
+            split = kernel.reshape(*self.kernel_size, grouped[1], groups, grouped[2])
+            return (split.transpose(ndim + 1, ndim, ndim + 2, *range(ndim)).reshape(torch_shape),)
+
+        return [TorchConversion(("weight",), ("kernel",), to_metoryx, to_torch)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the transposed convolution.

@@ -14,6 +14,7 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
+from metoryx.interop.layout import TorchConversion, same, transposed
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
 
@@ -67,6 +68,10 @@ class Dense(Module):
 
     def extra_repr(self) -> str:
         return f"in_size={self.in_size}, out_size={self.out_size}, use_bias={self.use_bias}"
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.Linear``: ``weight`` ``(out, in)`` is the kernel transposed."""
+        return [transposed("weight", "kernel", (1, 0))]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies the layer.
@@ -387,6 +392,10 @@ class Embed(Module):
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, features={self.features}"
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.Embedding``: ``weight`` is the table."""
+        return [same("weight", "embedding")]
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """Looks the ids up.

@@ -9,12 +9,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
+from metoryx.interop.layout import TorchConversion, same, torch_only
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import cast, compute_dtype
 
@@ -111,6 +113,17 @@ class BatchNorm(Module):
         if self.axis_name is not None:
             config += f", axis_name={self.axis_name!r}"
         return config
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.BatchNormNd``: ``weight`` is the scale, ``running_mean``/``running_var``
+        the statistics; ``num_batches_tracked`` is not kept (written as 0: it matters to
+        PyTorch only with ``momentum=None``)."""
+        return [
+            *_torch_scale(self),
+            same("running_mean", "mean"),
+            same("running_var", "var"),
+            torch_only("num_batches_tracked", np.array(0, np.int64)),
+        ]
 
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
         """Normalizes ``x``.
@@ -242,6 +255,10 @@ class LayerNorm(Module):
     def extra_repr(self) -> str:
         return _affine_repr(self, f"size={self.size}, epsilon={self.epsilon}")
 
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.LayerNorm``: ``weight`` is the scale."""
+        return _torch_scale(self)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalizes ``x`` over its last axis.
 
@@ -309,6 +326,10 @@ class RMSNorm(Module):
     def extra_repr(self) -> str:
         config = f"size={self.size}, epsilon={self.epsilon}"
         return config if self.scale is not None else config + ", use_scale=False"
+
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.RMSNorm``: ``weight`` is the scale."""
+        return _torch_scale(self)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalizes ``x`` over its last axis.
@@ -412,6 +433,10 @@ class GroupNorm(Module):
         config = f"num_groups={self.num_groups}, size={self.size}, epsilon={self.epsilon}"
         return _affine_repr(self, config)
 
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.GroupNorm``: ``weight`` is the scale."""
+        return _torch_scale(self)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalizes ``x`` per example and channel group.
 
@@ -510,6 +535,10 @@ class InstanceNorm(Module):
     def extra_repr(self) -> str:
         return _affine_repr(self, f"size={self.size}, epsilon={self.epsilon}")
 
+    def torch_conversions(self) -> list[TorchConversion]:
+        """``torch.nn.InstanceNorm``: ``weight`` is the scale."""
+        return _torch_scale(self)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalizes ``x`` per example and channel.
 
@@ -606,3 +635,10 @@ def _at_least_float32(dtype: Any) -> jnp.dtype:
     """float32 for narrower floats (bfloat16, float16), the dtype itself if wider."""
     with jax.numpy_dtype_promotion("standard"):
         return jnp.promote_types(dtype, jnp.float32)
+
+
+def _torch_scale(
+    layer: BatchNorm | LayerNorm | RMSNorm | GroupNorm | InstanceNorm,
+) -> list[TorchConversion]:
+    """PyTorch's ``weight`` of a normalization layer is our ``scale``, when there is one."""
+    return [] if layer.scale is None else [same("weight", "scale")]

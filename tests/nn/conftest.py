@@ -13,17 +13,6 @@ FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
 
 
-@pytest.fixture
-def torch():
-    """PyTorch on CPU in float32, deterministic and seeded per test; skips without torch."""
-    torch = pytest.importorskip("torch")
-    torch.set_default_dtype(torch.float32)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)  # tiny tensors: worker threads would only spin
-    torch.manual_seed(0)
-    return torch
-
-
 def _permute(a, perm):
     return a if perm is None else a.permute(perm) if hasattr(a, "permute") else a.transpose(perm)
 

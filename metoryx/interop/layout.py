@@ -1,0 +1,173 @@
+"""How a layer's variables correspond to the ``state_dict`` entries of its PyTorch twin.
+
+A layer describes its own layout by defining ``torch_conversions(self)``, which returns a list
+of :class:`TorchConversion`: these torch entries (names relative to the layer, dotted) become
+these variables (attribute paths relative to the layer, ``/``-joined), and back. A layer that
+defines nothing maps each variable ``a/b`` to the entry ``a.b`` unchanged, and each sub-module
+describes its own part. A conversion may name variables of sub-modules (``"query/kernel"``):
+the layer then owns their layout, and the sub-module's own description of them is not used.
+This is how attention maps PyTorch's fused ``in_proj_weight`` onto three ``Dense`` layers.
+
+:func:`torch_conversions` gives the full list for any module, which is what
+:mod:`metoryx.interop.torch` uses, and what a wrapper layer builds on (it renames the entries
+of the layer it wraps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from metoryx import errors
+from metoryx._core.module import Module, iter_children
+from metoryx._core.variables import Variable
+
+__all__ = ["TorchConversion", "same", "torch_conversions", "torch_only", "transposed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchConversion:
+    """Some PyTorch ``state_dict`` entries of a layer and the variables they become.
+
+    Args:
+        torch_keys: the entries' names relative to the layer, e.g. ``("weight",)`` or
+            ``("in_proj_weight",)``.
+        variables: the variables' attribute paths relative to the layer, e.g. ``("kernel",)``
+            or ``("query/kernel", "key/kernel", "value/kernel")``. Empty for an entry PyTorch
+            keeps and metoryx does not (``num_batches_tracked``).
+        to_metoryx: ``f(*torch_arrays) -> tuple`` of the variables' arrays, in order. Receives
+            NumPy arrays in the order of ``torch_keys``.
+        to_torch: ``f(*variable_arrays) -> tuple`` of the entries' arrays: the inverse.
+
+    Example:
+        >>> import numpy as np
+        >>> from metoryx.interop.layout import TorchConversion
+        >>> weight = TorchConversion(("weight",), ("kernel",), lambda w: (w.T,), lambda k: (k.T,))
+        >>> weight.to_metoryx(np.zeros((4, 3)))[0].shape
+        (3, 4)
+    """
+
+    torch_keys: tuple[str, ...]
+    variables: tuple[str, ...]
+    to_metoryx: Callable[..., tuple[Any, ...]]
+    to_torch: Callable[..., tuple[Any, ...]]
+
+    def renamed(self, torch_prefix: str, variable_prefix: str) -> TorchConversion:
+        """The same conversion with both kinds of names under a parent's prefixes.
+
+        Example:
+            >>> from metoryx.interop.layout import same
+            >>> same("weight", "scale").renamed("norm.", "norm/").torch_keys
+            ('norm.weight',)
+        """
+        return dataclasses.replace(
+            self,
+            torch_keys=tuple(torch_prefix + k for k in self.torch_keys),
+            variables=tuple(variable_prefix + v for v in self.variables),
+        )
+
+
+def same(torch_key: str, variable: str) -> TorchConversion:
+    """An entry that is the variable as it is, under another name.
+
+    Example:
+        >>> import numpy as np
+        >>> from metoryx.interop.layout import same
+        >>> same("weight", "scale").to_metoryx(np.ones(3))[0].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    return TorchConversion((torch_key,), (variable,), _one, _one)
+
+
+def transposed(torch_key: str, variable: str, axes: Sequence[int]) -> TorchConversion:
+    """An entry whose axes are permuted: ``variable = np.transpose(entry, axes)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from metoryx.interop.layout import transposed
+        >>> conv = transposed("weight", "kernel", (2, 3, 1, 0))  # (O, I, H, W) -> (H, W, I, O)
+        >>> conv.to_metoryx(np.zeros((8, 3, 5, 5)))[0].shape
+        (5, 5, 3, 8)
+    """
+    axes = tuple(axes)
+    inverse = tuple(int(i) for i in np.argsort(axes))
+    return TorchConversion(
+        (torch_key,),
+        (variable,),
+        lambda a: (np.transpose(a, axes),),
+        lambda a: (np.transpose(a, inverse),),
+    )
+
+
+def torch_only(torch_key: str, value: Any) -> TorchConversion:
+    """An entry PyTorch keeps and metoryx does not: ignored on load, written as ``value``.
+
+    Example:
+        >>> import numpy as np
+        >>> from metoryx.interop.layout import torch_only
+        >>> torch_only("num_batches_tracked", np.array(0)).to_torch()
+        (array(0),)
+    """
+    return TorchConversion((torch_key,), (), lambda _: (), lambda: (np.asarray(value),))
+
+
+def torch_conversions(module: Module) -> list[TorchConversion]:
+    """Every conversion of ``module``'s sub-tree, names relative to ``module``.
+
+    The module's own ``torch_conversions()`` first, then, for each attribute in order, its
+    unclaimed variables unchanged (``a/b`` <-> ``a.b``) and its sub-modules' conversions
+    under their names. A sub-module reachable along two paths is listed at both, as PyTorch
+    lists a shared module's entries under each name. A layer whose conversions name any
+    variable of a sub-module owns that sub-module's whole layout (its PyTorch-only entries
+    too): none of the sub-module's own conversions is added.
+
+    Raises:
+        ModuleStructureError: if a layer converts only some of the variables of one of its
+            sub-modules, or names a variable it does not have.
+
+    Example:
+        >>> import metoryx as mx
+        >>> from metoryx.interop.layout import torch_conversions
+        >>> [c.torch_keys for c in torch_conversions(mx.Dense(3, 4))]
+        [('weight',), ('bias',)]
+    """
+    own_method = getattr(module, "torch_conversions", None)
+    own = list(own_method()) if own_method is not None else []
+    claimed = {v for c in own for v in c.variables}
+    found = set()
+    result = list(own)
+    for rel, child in iter_children(module):
+        name = "/".join(rel)
+        if isinstance(child, Variable):
+            found.add(name)
+            if name not in claimed:
+                result.append(same(".".join(rel), name))
+            continue
+        described = [c.renamed(".".join(rel) + ".", name + "/") for c in torch_conversions(child)]
+        variables = [v for c in described for v in c.variables]
+        found.update(variables)
+        unclaimed = [v for v in variables if v not in claimed]
+        if len(unclaimed) == len(variables):
+            result.extend(described)
+        elif unclaimed:
+            raise errors.ModuleStructureError(
+                f"{type(module).__name__}.torch_conversions names some variables of its "
+                f"sub-module {name!r} but not {unclaimed}. A layer that converts part of a "
+                f"sub-module owns its whole layout: build on torch_conversions(self.{rel[0]}) "
+                f"and rename its entries (TorchConversion.renamed)."
+            )
+    unknown = sorted(claimed - found)
+    if unknown:
+        raise errors.ModuleStructureError(
+            f"{type(module).__name__}.torch_conversions names variables it does not have: "
+            f"{unknown}. Name each by its attribute path relative to the layer, e.g. "
+            f"'kernel' or 'query/kernel'."
+        )
+    return result
+
+
+def _one(a: Any) -> tuple[Any]:
+    return (a,)

@@ -1,0 +1,252 @@
+"""PyTorch ``state_dict`` s in and out: pretrained PyTorch weights for a metoryx model.
+
+A metoryx model whose attribute names mirror a ``torch.nn.Module``'s reads that module's
+``state_dict()`` with :func:`load_state_dict` and writes one with :func:`to_state_dict`. Each
+layer converts its own entries (``Dense`` transposes ``weight``, ``Conv`` moves the channel
+axes last, ``BatchNorm`` maps ``running_mean`` to its ``mean`` State, ...), as described in
+:mod:`metoryx.interop.layout`. PyTorch is needed only to produce tensors in
+:func:`to_state_dict`; it is imported there and nowhere else in metoryx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from metoryx import errors
+from metoryx._core.module import Module, iter_children
+from metoryx._core.paths import Path, flatten_variables, path_str, unflatten_variables
+from metoryx._core.tree import walk
+from metoryx._core.variables import Variable
+from metoryx.interop.layout import TorchConversion, torch_conversions
+
+__all__ = ["load_state_dict", "to_state_dict"]
+
+
+def load_state_dict(
+    model: Module,
+    state_dict: Mapping[str, Any],
+    strict: bool = True,
+    variables: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``variables`` of ``model`` holding the weights of a PyTorch ``state_dict``.
+
+    Entry names are attribute paths joined by ``.``, as PyTorch writes them; each layer
+    converts its own entries to its variables' layout. Arrays are cast to each variable's
+    dtype. Weights shared by two attributes (tied) are read from the first name.
+
+    Args:
+        model: the definition-world model whose attribute names mirror the PyTorch module's.
+        state_dict: ``torch_module.state_dict()``: names to tensors (or NumPy arrays).
+        strict: if True, every entry the model expects must be present and no other entry
+            may be. If False, unknown entries are ignored and variables without an entry
+            keep their array from ``variables``.
+        variables: with ``strict=False``, the arrays of the variables the state_dict does not
+            cover, e.g. ``init_fn(key)``.
+
+    Returns:
+        A ``variables`` dict for ``mx.transform(model)``'s ``apply_fn``.
+
+    Raises:
+        VariablesStructureError: listing the missing and unexpected entries by name (with
+            the variable each missing entry fills), e.g. for a state_dict of another
+            architecture; with ``strict=False``, if a variable has neither an entry nor an
+            array in ``variables``.
+        VariableShapeError: listing every entry whose shape does not fit its variable.
+
+    Example:
+        >>> import numpy as np, metoryx as mx
+        >>> from metoryx.interop.torch import load_state_dict
+        >>> state_dict = {"weight": np.ones((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+        >>> variables = load_state_dict(mx.Dense(3, 4), state_dict)   # (out, in) -> (in, out)
+        >>> variables["params"]["kernel"].shape
+        (3, 4)
+    """
+    layout = _Layout(model)
+    given = {name: _as_numpy(value) for name, value in state_dict.items()}
+    expected = layout.torch_keys()
+    missing = [name for name in expected if name not in given]
+    unexpected = [name for name in given if name not in expected]
+
+    values: dict[Path, np.ndarray] = {}
+    wrong: list[str] = []
+    for conversion, paths in layout.entries:
+        if any(name not in given for name in conversion.torch_keys) or not paths:
+            continue
+        if all(path in values for path in paths):  # a tied weight, read at its first name
+            continue
+        inputs = [given[name] for name in conversion.torch_keys]
+        try:
+            arrays = conversion.to_metoryx(*inputs)
+        except Exception:
+            arrays = None
+        fits = arrays is not None and all(
+            np.shape(a) == layout.variables[p].shape for a, p in zip(arrays, paths, strict=True)
+        )
+        if not fits:
+            wrong.append(layout.shape_report(conversion, paths, inputs))
+            continue
+        for path, array in zip(paths, arrays, strict=True):
+            values.setdefault(path, array)
+    if wrong:
+        raise errors.VariableShapeError(
+            "load_state_dict: these entries do not fit the model's variables:\n  "
+            + "\n  ".join(wrong)
+            + "\nThe model's layers must be built with the sizes of the PyTorch module "
+            "(in_size, out_size, kernel_size, ...); compare print(model) with the module."
+        )
+    if strict and (missing or unexpected):
+        raise errors.VariablesStructureError(layout.mismatch_report(missing, unexpected))
+
+    base = flatten_variables(variables) if variables is not None else {}
+    unfilled = [p for p in layout.variables if p not in values and p not in base]
+    if unfilled:
+        raise errors.VariablesStructureError(
+            f"load_state_dict(strict=False): {len(unfilled)} variables have no entry in the "
+            f"state_dict and no array in `variables`: {', '.join(map(path_str, unfilled))}. "
+            f"Pass variables=init_fn(key) to start them from their initializers."
+        )
+    # Copies: on CPU jnp.asarray may alias a NumPy buffer, here the torch module's own
+    # storage, which PyTorch updates in place (running statistics, optimizer steps).
+    return unflatten_variables(
+        {
+            path: jnp.array(values[path] if path in values else base[path], dtype=var.dtype)
+            for path, var in layout.variables.items()
+        }
+    )
+
+
+def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """A PyTorch ``state_dict`` holding ``variables``: the inverse of :func:`load_state_dict`.
+
+    The result loads into the PyTorch module that ``model`` mirrors with
+    ``torch_module.load_state_dict(...)``. Entries PyTorch keeps and metoryx does not (such as
+    BatchNorm's ``num_batches_tracked``) get a neutral value. The conversions are linear maps,
+    so ``to_state_dict(model, grads)`` also lays out a gradient as PyTorch's ``.grad`` s.
+
+    Args:
+        model: the definition-world model.
+        variables: its ``variables`` dict (or any tree of the same paths, e.g. gradients).
+
+    Returns:
+        A dict of entry names to CPU ``torch.Tensor`` s, in the model's attribute order.
+
+    Raises:
+        ImportError: if PyTorch is not installed.
+        VariablesStructureError: listing the model's variables missing from ``variables``.
+
+    Example:
+        >>> import jax, metoryx as mx
+        >>> from metoryx.interop.torch import to_state_dict
+        >>> model = mx.Dense(3, 4)
+        >>> state_dict = to_state_dict(model, mx.init(model)(jax.random.key(0)))
+        >>> {name: tuple(t.shape) for name, t in state_dict.items()}
+        {'weight': (4, 3), 'bias': (4,)}
+    """
+    layout = _Layout(model)
+    flat = flatten_variables(variables)
+    missing = [path_str(p) for p in layout.variables if p not in flat]
+    if missing:
+        raise errors.VariablesStructureError(
+            f"to_state_dict: `variables` lacks {len(missing)} of the model's variables: "
+            f"{', '.join(missing)}. Pass the dict that init_fn/apply_fn returned for this model."
+        )
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "metoryx.interop.torch.to_state_dict makes torch tensors and needs PyTorch: "
+            "pip install torch."
+        ) from e
+    result: dict[str, Any] = {}
+    for conversion, paths in layout.entries:
+        arrays = conversion.to_torch(*(_as_numpy(flat[p]) for p in paths))
+        for name, array in zip(conversion.torch_keys, arrays, strict=True):
+            result.setdefault(name, _as_tensor(torch, np.asarray(array)))
+    return result
+
+
+class _Layout:
+    """The conversions of a model, with each one's variables resolved to collection paths."""
+
+    def __init__(self, model: Module):
+        tree = walk(model)  # validates the structure (no cycles, reachable variables)
+        first_path = {id(var): path for path, var in tree.variables}
+        self.variables: dict[Path, Variable] = dict(tree.variables)
+        by_attribute = dict(_attribute_paths(model, ()))
+        self.entries: list[tuple[TorchConversion, tuple[Path, ...]]] = [
+            (c, tuple(first_path[id(by_attribute[v])] for v in c.variables))
+            for c in torch_conversions(model)
+        ]
+
+    def torch_keys(self) -> dict[str, Path | None]:
+        """Every entry name the model expects, with the first variable it fills."""
+        keys: dict[str, Path | None] = {}
+        for conversion, paths in self.entries:
+            for name in conversion.torch_keys:
+                keys.setdefault(name, paths[0] if paths else None)
+        return keys
+
+    def mismatch_report(self, missing: list[str], unexpected: list[str]) -> str:
+        keys = self.torch_keys()
+        lines = ["load_state_dict: the state_dict does not match the model."]
+        if missing:
+            described = [
+                name if keys[name] is None else f"{name} (for {path_str(keys[name])})"
+                for name in missing
+            ]
+            lines.append(f"Missing ({len(missing)}): " + ", ".join(described))
+        if unexpected:
+            lines.append(f"Unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+        lines.append(
+            "The model's attribute names must mirror the PyTorch module's (print both to "
+            "compare), and its layers must be the counterparts of the module's. To load a "
+            "part of a state_dict, pass strict=False and variables=init_fn(key)."
+        )
+        return "\n".join(lines)
+
+    def shape_report(
+        self, conversion: TorchConversion, paths: tuple[Path, ...], inputs: list[np.ndarray]
+    ) -> str:
+        wanted = [np.zeros(self.variables[p].shape, self.variables[p].dtype) for p in paths]
+        expected = [np.shape(a) for a in conversion.to_torch(*wanted)]
+        return (
+            "; ".join(
+                f"{name}: expected {tuple(shape)}, got {np.shape(given)}"
+                for name, shape, given in zip(conversion.torch_keys, expected, inputs, strict=True)
+                if tuple(shape) != np.shape(given)
+            )
+            + f" (for {', '.join(map(path_str, paths))})"
+        )
+
+
+def _attribute_paths(module: Module, prefix: tuple[str, ...]) -> list[tuple[str, Variable]]:
+    """``("a/b/kernel", variable)`` for every attribute path, shared objects at each path."""
+    found: list[tuple[str, Variable]] = []
+    for rel, child in iter_children(module):
+        path = (*prefix, *rel)
+        if isinstance(child, Variable):
+            found.append(("/".join(path), child))
+        else:
+            found.extend(_attribute_paths(child, path))
+    return found
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """A NumPy array of a torch tensor (on any device, bfloat16 included) or any array."""
+    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 is exact
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _as_tensor(torch: Any, array: np.ndarray) -> Any:
+    # A writable C-ordered copy of its own: the tensor must not alias a JAX buffer.
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(array, order="C", copy=True))
