@@ -32,11 +32,15 @@ def torch():
     return torch
 
 
+def _uses_torch(item: pytest.Item) -> bool:
+    return item.name.startswith("metoryx.interop.torch.") or item.name == "pytorch.md"
+
+
 def pytest_collection_modifyitems(config, items):
-    """The examples of metoryx.interop.torch make torch tensors: skipped without PyTorch, as
-    the parity tests are (PyTorch is installed for Python 3.11 only, see pyproject.toml)."""
+    """The examples of metoryx.interop.torch and docs/pytorch.md use PyTorch: skipped without
+    it, as the parity tests are (it is installed for Python 3.11 only, see pyproject.toml)."""
     if importlib.util.find_spec("torch") is not None:
         return
     for item in items:
-        if isinstance(item, pytest.DoctestItem) and item.name.startswith("metoryx.interop.torch."):
+        if isinstance(item, pytest.DoctestItem) and _uses_torch(item):
             item.add_marker(pytest.mark.skip(reason="PyTorch is not installed"))
