@@ -1,4 +1,4 @@
-"""What layers share: the dtype rule, the bias add that traces like hand-written code, and the
+"""What layers share: the dtype rules, the bias add that traces like hand-written code, and the
 default kernel initializer."""
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ def compute_dtype(dtype: Any, *arrays: jax.Array | None) -> jnp.dtype:
         return dtypes.pop()
     with jax.numpy_dtype_promotion("standard"):
         return functools.reduce(jnp.promote_types, dtypes)
+
+
+def at_least_float32(dtype: Any) -> jnp.dtype:
+    """float32 for narrower floats (bfloat16, float16), the dtype itself if wider: the dtype
+    of statistics (norms, means, variances) that half precision would get wrong."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(dtype, jnp.float32)
 
 
 def cast(x: jax.Array, dtype: jnp.dtype) -> jax.Array:

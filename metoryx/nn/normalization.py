@@ -18,7 +18,7 @@ from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
 from metoryx.interop.layout import TorchConversion, same, torch_only
 from metoryx.nn._arguments import positive_int
-from metoryx.nn._compute import cast, compute_dtype
+from metoryx.nn._compute import at_least_float32, cast, compute_dtype
 
 
 class BatchNorm(Module):
@@ -104,7 +104,7 @@ class BatchNorm(Module):
         self.dtype = dtype
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
         self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
-        stats_dtype = _at_least_float32(param_dtype)
+        stats_dtype = at_least_float32(param_dtype)
         self.mean = State("batch_stats", initializers.zeros, (self.size,), stats_dtype)
         self.var = State("batch_stats", initializers.ones, (self.size,), stats_dtype)
 
@@ -150,7 +150,7 @@ class BatchNorm(Module):
                 f"build the layer with size equal to the input's last axis."
             )
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
-        stats_dtype = _at_least_float32(dtype)
+        stats_dtype = at_least_float32(dtype)
         x_stats = cast(x, stats_dtype)
         # Per-feature vectors take the rank of x (size-1 axes) to broadcast under
         # jax_numpy_rank_promotion="raise".
@@ -275,7 +275,7 @@ class LayerNorm(Module):
             x = jnp.asarray(x)
         _check_input(self, x.shape, 1, "(..., {size})", _FEATURES_LAST)
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
-        y = _standardize(cast(x, _at_least_float32(dtype)), (x.ndim - 1,), self.epsilon)
+        y = _standardize(cast(x, at_least_float32(dtype)), (x.ndim - 1,), self.epsilon)
         return _scale_and_shift(y, self.scale, self.bias, dtype)
 
 
@@ -347,7 +347,7 @@ class RMSNorm(Module):
             x = jnp.asarray(x)
         _check_input(self, x.shape, 1, "(..., {size})", _FEATURES_LAST)
         dtype = compute_dtype(self.dtype, x, self.scale)
-        x = cast(x, _at_least_float32(dtype))
+        x = cast(x, at_least_float32(dtype))
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         return _scale_and_shift(x * lax.rsqrt(mean_square + self.epsilon), self.scale, None, dtype)
 
@@ -458,7 +458,7 @@ class GroupNorm(Module):
         shape = x.shape
         # (batch, *spatial, groups, channels per group): statistics over all axes but the
         # batch and group axes.
-        grouped = cast(x, _at_least_float32(dtype)).reshape(
+        grouped = cast(x, at_least_float32(dtype)).reshape(
             (*shape[:-1], self.num_groups, self.size // self.num_groups)
         )
         axes = (*range(1, len(shape) - 1), len(shape))
@@ -564,7 +564,7 @@ class InstanceNorm(Module):
         )
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
         axes = tuple(range(1, x.ndim - 1))
-        y = _standardize(cast(x, _at_least_float32(dtype)), axes, self.epsilon)
+        y = _standardize(cast(x, at_least_float32(dtype)), axes, self.epsilon)
         return _scale_and_shift(y, self.scale, self.bias, dtype)
 
 
@@ -629,12 +629,6 @@ def _affine_repr(module: LayerNorm | GroupNorm | InstanceNorm, config: str) -> s
     if module.bias is None:
         config += ", use_bias=False"
     return config
-
-
-def _at_least_float32(dtype: Any) -> jnp.dtype:
-    """float32 for narrower floats (bfloat16, float16), the dtype itself if wider."""
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.promote_types(dtype, jnp.float32)
 
 
 def _torch_scale(
