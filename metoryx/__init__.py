@@ -45,11 +45,21 @@ from metoryx.nn.linear import Dense, Einsum, Embed
 from metoryx.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from metoryx.nn.pooling import adaptive_avg_pool, avg_pool, global_avg_pool, max_pool, min_pool
 from metoryx.nn.positional import apply_rotary, rotary_frequencies, sinusoidal_embedding
+from metoryx.nn.recurrent import (
+    RNN,
+    Bidirectional,
+    GRUCell,
+    LSTMCell,
+    SimpleRNNCell,
+    StackedRNN,
+)
+from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "Bidirectional",
     "Conv",
     "ConvTranspose",
     "Dense",
@@ -57,9 +67,11 @@ __all__ = [
     "Einsum",
     "Embed",
     "Flatten",
+    "GRUCell",
     "GroupNorm",
     "Identity",
     "InstanceNorm",
+    "LSTMCell",
     "Lambda",
     "LayerNorm",
     "MLP",
@@ -68,10 +80,15 @@ __all__ = [
     "PReLU",
     "Parameter",
     "RMSNorm",
+    "RNN",
     "Sequential",
+    "SimpleRNNCell",
+    "SpectralNorm",
+    "StackedRNN",
     "State",
     "Transformed",
     "Variable",
+    "WeightNorm",
     "adaptive_avg_pool",
     "apply",
     "apply_rotary",

@@ -72,7 +72,10 @@ class WeightNorm(Module):
             over the others; None for the weight's output axis (see the module docs), ``()``
             for one scale for the whole weight (PyTorch's ``dim=None``).
         scale_init: initializer of ``scale``.
-        param_dtype: the storage dtype of ``scale``; None for the weight's dtype.
+        param_dtype: the storage dtype of ``scale``; None for the weight's dtype. There is
+            no computation dtype of its own: the norm is computed in at least float32, the
+            effective weight is cast to the weight's storage dtype, and the wrapped layer
+            computes in its own ``dtype``.
 
     Raises:
         LayerConfigError: if ``layer`` is not a module, has no such weight, or ``axis`` is not

@@ -92,6 +92,27 @@ DESCRIPTORS = [
         lambda **k: mx.ConvTranspose(3, 2, (3, 3), strides=2, padding=1, output_padding=1, **k),
         (2, 4, 4, 3),
     ),
+    Descriptor("WeightNorm", lambda **k: mx.WeightNorm(mx.Dense(3, 4, **k)), (2, 3)),
+    Descriptor(
+        "SpectralNorm/train",
+        lambda **k: mx.SpectralNorm(mx.Conv(2, 3, (3, 3), **k)),
+        (2, 5, 5, 2),
+        {"is_training": True},
+    ),
+    Descriptor("RNN/SimpleRNN", lambda **k: mx.RNN(mx.SimpleRNNCell(3, 4, **k)), (2, 5, 3)),
+    Descriptor("RNN/LSTM", lambda **k: mx.RNN(mx.LSTMCell(3, 4, **k)), (2, 5, 3)),
+    Descriptor(
+        "Bidirectional/GRU",
+        lambda **k: mx.Bidirectional(
+            mx.RNN(mx.GRUCell(3, 4, **k)), mx.RNN(mx.GRUCell(3, 4, **k), reverse=True)
+        ),
+        (2, 5, 3),
+    ),
+    Descriptor(
+        "StackedRNN",
+        lambda **k: mx.StackedRNN(mx.RNN(mx.GRUCell(3, 4, **k)), mx.RNN(mx.GRUCell(4, 4, **k))),
+        (2, 4, 3),
+    ),
 ]
 
 IDS = [d.name for d in DESCRIPTORS]
