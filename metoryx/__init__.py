@@ -38,6 +38,7 @@ from metoryx.nn.activations import (
     swish,
     tanh,
 )
+from metoryx.nn.attention import MultiHeadAttention, RotaryEmbedding, dot_product_attention
 from metoryx.nn.containers import MLP, Flatten, Identity, Lambda, Sequential
 from metoryx.nn.conv import Conv, ConvTranspose
 from metoryx.nn.dropout import Dropout, dropout
@@ -76,11 +77,13 @@ __all__ = [
     "LayerNorm",
     "MLP",
     "Module",
+    "MultiHeadAttention",
     "PRNGKeys",
     "PReLU",
     "Parameter",
     "RMSNorm",
     "RNN",
+    "RotaryEmbedding",
     "Sequential",
     "SimpleRNNCell",
     "SpectralNorm",
@@ -95,6 +98,7 @@ __all__ = [
     "assign_variables",
     "avg_pool",
     "celu",
+    "dot_product_attention",
     "dropout",
     "elu",
     "errors",

@@ -25,7 +25,14 @@ from metoryx import errors
 from metoryx._core.module import Module, iter_children
 from metoryx._core.variables import Variable
 
-__all__ = ["TorchConversion", "same", "torch_conversions", "torch_only", "transposed"]
+__all__ = [
+    "TorchConversion",
+    "metoryx_only",
+    "same",
+    "torch_conversions",
+    "torch_only",
+    "transposed",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +119,19 @@ def torch_only(torch_key: str, value: Any) -> TorchConversion:
         (array(0),)
     """
     return TorchConversion((torch_key,), (), lambda _: (), lambda: (np.asarray(value),))
+
+
+def metoryx_only(variable: str, value: Any) -> TorchConversion:
+    """A variable PyTorch does not keep (e.g. a decoding cache): ``value`` on load, no entry
+    written.
+
+    Example:
+        >>> import numpy as np
+        >>> from metoryx.interop.layout import metoryx_only
+        >>> metoryx_only("cache_index", np.array(0)).to_metoryx()
+        (array(0),)
+    """
+    return TorchConversion((), (variable,), lambda: (np.asarray(value),), lambda _: ())
 
 
 def torch_conversions(module: Module) -> list[TorchConversion]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,3 +113,12 @@ def positive_int(layer: str, name: str, value: Any) -> int:
             f"{name}=64."
         )
     return number
+
+
+def check_timescale(name: str, value: Any) -> None:
+    """Check the ``max_timescale`` of a sinusoidal or rotary encoding: a positive number."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) > 0:
+        raise errors.LayerConfigError(
+            f"{name}: `max_timescale` must be a positive number, got {value!r}. The usual "
+            f"value is 10000.0 (RoPE's theta; LLaMA 3 uses 500000.0)."
+        )

@@ -8,7 +8,6 @@ the reference implementations; positions beyond ~1e5 lose angle precision in flo
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from metoryx import errors
 from metoryx._core.module import function_label
+from metoryx.nn._arguments import check_timescale
 from metoryx.nn._compute import cast
 
 
@@ -62,7 +62,7 @@ def sinusoidal_embedding(
     name = "sinusoidal_embedding"
     _check_size(name, "features", features)
     dtype = jnp.dtype(dtype)
-    _check_timescale(name, max_timescale)
+    check_timescale(name, max_timescale)
     angles = _angles(positions, features, max_timescale, dtype)
     return cast(jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1), dtype)
 
@@ -92,7 +92,7 @@ def rotary_frequencies(head_dim: int, max_timescale: float = 10000.0) -> jax.Arr
     """
     name = "rotary_frequencies"
     _check_size(name, "head_dim", head_dim)
-    _check_timescale(name, max_timescale)
+    check_timescale(name, max_timescale)
     return jnp.asarray(_frequencies(head_dim, max_timescale, np.dtype(np.float32)))
 
 
@@ -139,7 +139,7 @@ def apply_rotary(x: jax.Array, positions: jax.Array, max_timescale: float = 1000
         True
     """
     name = "apply_rotary"
-    _check_timescale(name, max_timescale)
+    check_timescale(name, max_timescale)
     x = jnp.asarray(x)
     positions = jnp.asarray(positions)
     if x.ndim < 3 or x.shape[-1] % 2:
@@ -188,12 +188,4 @@ def _check_size(name: str, arg: str, value: Any) -> None:
         raise errors.LayerConfigError(
             f"{name}: `{arg}` must be a positive even int (sin and cos, or the two channels "
             f"rotated together, come in pairs), got {value!r}. Pass e.g. {arg}=64."
-        )
-
-
-def _check_timescale(name: str, value: Any) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) > 0:
-        raise errors.LayerConfigError(
-            f"{name}: `max_timescale` must be a positive number, got {value!r}. The usual "
-            f"value is 10000.0 (RoPE's theta; LLaMA 3 uses 500000.0)."
         )

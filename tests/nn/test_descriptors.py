@@ -92,6 +92,13 @@ DESCRIPTORS = [
         lambda **k: mx.ConvTranspose(3, 2, (3, 3), strides=2, padding=1, output_padding=1, **k),
         (2, 4, 4, 3),
     ),
+    Descriptor("MultiHeadAttention", lambda **k: mx.MultiHeadAttention(2, 8, **k), (2, 5, 8)),
+    Descriptor(
+        "MultiHeadAttention/gqa_causal",
+        lambda **k: mx.MultiHeadAttention(4, 8, num_kv_heads=2, rotary=mx.RotaryEmbedding(), **k),
+        (2, 5, 8),
+        {"is_causal": True},
+    ),
     Descriptor("WeightNorm", lambda **k: mx.WeightNorm(mx.Dense(3, 4, **k)), (2, 3)),
     Descriptor(
         "SpectralNorm/train",
