@@ -132,15 +132,16 @@ def _assert_same_state(torch_module, model, variables):
             np.testing.assert_allclose(ours[name], tensor, atol=TOL, rtol=TOL, err_msg=name)
 
 
-def _sgd_steps(torch, torch_module, model, variables, x, labels):
-    """``STEPS`` steps of plain SGD on the softmax cross-entropy, in training mode, in both."""
+def _sgd_steps(torch, torch_module, model, variables, inputs, jax_inputs, labels):
+    """``STEPS`` steps of plain SGD on the softmax cross-entropy, in training mode, in both;
+    ``inputs`` are PyTorch's arguments of the model, ``jax_inputs`` ours."""
     _, apply_fn = mx.transform(model)
     optimizer = optax.sgd(LEARNING_RATE)
 
     @jax.jit
-    def step(variables, opt_state, x, labels):
+    def step(variables, opt_state, inputs, labels):
         def loss_fn(params):
-            logits, new = apply_fn({**variables, "params": params}, None, x, is_training=True)
+            logits, new = apply_fn({**variables, "params": params}, None, *inputs, is_training=True)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
             return loss, new
 
@@ -153,12 +154,10 @@ def _sgd_steps(torch, torch_module, model, variables, x, labels):
     opt_state = optimizer.init(variables["params"])
     for _ in range(STEPS):
         torch_optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(torch_module(x), labels)
+        loss = torch.nn.functional.cross_entropy(torch_module(*inputs), labels)
         loss.backward()
         torch_optimizer.step()
-        variables, opt_state = step(
-            variables, opt_state, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), labels.numpy()
-        )
+        variables, opt_state = step(variables, opt_state, jax_inputs, labels.numpy())
     return variables
 
 
@@ -174,11 +173,90 @@ def test_resnet18_matches_torch(torch):
     x = torch.randn(8, 3, 64, 64)
     labels = torch.tensor([0, 3, 1, 4, 2, 2, 0, 1])
 
+    images = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
     logits, _ = jax.jit(mx.apply(model), static_argnames="is_training")(
-        variables, None, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), is_training=False
+        variables, None, images, is_training=False
     )
     expected = theirs.eval()(x).detach().numpy()
     np.testing.assert_allclose(logits, expected, atol=TOL, rtol=TOL)
 
-    variables = _sgd_steps(torch, theirs, model, variables, x, labels)
+    variables = _sgd_steps(torch, theirs, model, variables, (x,), (images,), labels)
+    _assert_same_state(theirs, model, variables)
+
+
+# A small Transformer encoder: PyTorch's own TransformerEncoderLayer (post-norm, ReLU), token
+# embeddings plus learned positions, masked mean pooling, a linear head.
+VOCAB, WIDTH, HEADS, FFN, LENGTH = 11, 16, 4, 32, 6
+
+
+class EncoderLayer(mx.Module):
+    """The twin of torch.nn.TransformerEncoderLayer(WIDTH, HEADS, FFN, dropout=0)."""
+
+    def __init__(self):
+        self.self_attn = mx.MultiHeadAttention(HEADS, WIDTH)
+        self.linear1 = mx.Dense(WIDTH, FFN)
+        self.linear2 = mx.Dense(FFN, WIDTH)
+        self.norm1 = mx.LayerNorm(WIDTH)
+        self.norm2 = mx.LayerNorm(WIDTH)
+
+    def __call__(self, x, mask):
+        x = self.norm1(x + self.self_attn(x, mask=mask))
+        return self.norm2(x + self.linear2(mx.relu(self.linear1(x))))
+
+
+class Encoder(mx.Module):
+    def __init__(self):
+        self.embed = mx.Embed(VOCAB, WIDTH)
+        self.pos = mx.Parameter(mx.initializers.normal(), (LENGTH, WIDTH))
+        self.layers = [EncoderLayer(), EncoderLayer()]
+        self.head = mx.Dense(WIDTH, NUM_CLASSES)
+
+    def __call__(self, ids, valid, is_training):
+        x = self.embed(ids) + self.pos[None]
+        mask = valid[:, None, None, :]  # (batch, heads, queries, keys): attend to real tokens
+        for layer in self.layers:
+            x = layer(x, mask)
+        weights = valid.astype(x.dtype)[..., None]
+        return self.head((x * weights).sum(axis=1) / weights.sum(axis=1))
+
+
+def _torch_encoder(torch):
+    nn = torch.nn
+
+    class TorchEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, WIDTH)
+            self.pos = nn.Parameter(torch.randn(LENGTH, WIDTH))
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(WIDTH, HEADS, FFN, dropout=0.0, batch_first=True)
+                for _ in range(2)
+            )
+            self.head = nn.Linear(WIDTH, NUM_CLASSES)
+
+        def forward(self, ids, valid):
+            x = self.embed(ids) + self.pos
+            for layer in self.layers:
+                x = layer(x, src_key_padding_mask=~valid)
+            weights = valid.to(x.dtype)[..., None]
+            return self.head((x * weights).sum(dim=1) / weights.sum(dim=1))
+
+    return TorchEncoder()
+
+
+@pytest.mark.slow
+def test_transformer_encoder_matches_torch(torch):
+    theirs = _torch_encoder(torch)
+    model = Encoder()
+    variables = load_state_dict(model, theirs.state_dict())
+    ids = torch.randint(0, VOCAB, (4, LENGTH))
+    valid = torch.arange(LENGTH)[None, :] < torch.tensor([[6], [4], [5], [2]])
+    labels = torch.tensor([0, 3, 1, 4])
+
+    inputs = (jnp.asarray(ids.numpy()), jnp.asarray(valid.numpy()))
+    logits, _ = mx.apply(model)(variables, None, *inputs, is_training=False)
+    expected = theirs.eval()(ids, valid).detach().numpy()
+    np.testing.assert_allclose(logits, expected, atol=TOL, rtol=TOL)
+
+    variables = _sgd_steps(torch, theirs, model, variables, (ids, valid), inputs, labels)
     _assert_same_state(theirs, model, variables)
