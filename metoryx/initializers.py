@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import struct
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, TypeAlias, get_args
 
@@ -111,6 +112,16 @@ class Initializer(Protocol):
     Returns:
         A ``jax.Array`` of that shape and dtype.
 
+    **Drawn together.** An initializer with the attribute ``vectorizable = True`` promises to be
+    a pure, traceable function of its key: ``init_fn`` then draws all variables that share it
+    (by ``==``), their shape and their dtype in one ``jax.vmap`` over their keys, which gives
+    the same bits as drawing them one by one and keeps ``jax.jit(init_fn)`` of a deep model as
+    small to compile as a shallow one. The random initializers made here have it, except
+    :func:`orthogonal`, and two made by the same factory with the same settings are equal
+    (``he_uniform() == he_uniform()``). Any other initializer is called once per variable;
+    for those that ignore the key (:func:`zeros`, :func:`ones`, :func:`constant`) that is the
+    cheaper way, as XLA merges their identical fills.
+
     Example:
         >>> import jax, jax.numpy as jnp
         >>> def halves(key, shape, dtype=jnp.float32):  # any such function is an Initializer
@@ -122,6 +133,57 @@ class Initializer(Protocol):
     def __call__(
         self, key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32
     ) -> jax.Array: ...
+
+
+class _Vectorizable:
+    """An initializer made by a factory here, equal to another made with equal settings.
+
+    ``init_fn`` groups variables by their initializer, so equality is what lets the layers of
+    a model that each call ``normal(0.02)`` share one draw. Settings are compared by type and
+    exact value (``-0.0`` is not ``0.0``: it can change the bits drawn); one that is not a
+    plain number, string or tuple of ints makes the initializer equal only to itself.
+    """
+
+    __slots__ = ("_fn", "_name", "_settings", "_recipe")
+    vectorizable = True
+
+    def __init__(self, fn: Initializer, name: str, **settings: object):
+        self._fn = fn
+        self._name = name
+        self._settings = settings
+        recipe = [_comparable(v) for v in settings.values()]
+        self._recipe = None if None in recipe else (name, *recipe)
+
+    def __call__(
+        self, key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32
+    ) -> jax.Array:
+        return self._fn(key, shape, dtype)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Vectorizable):
+            return NotImplemented
+        return self is other or (self._recipe is not None and self._recipe == other._recipe)
+
+    def __hash__(self) -> int:
+        return id(self) if self._recipe is None else hash(self._recipe)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Vectorizable:
+        return self  # immutable: mx.transform's deep copy of a model can share it
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._settings.items())
+        return f"{self._name}({args})"
+
+
+def _comparable(value: object) -> object:
+    """``value`` as a hashable key whose equality means the same bits drawn, or None."""
+    if isinstance(value, float):
+        return type(value), struct.pack("<d", value)
+    if isinstance(value, (bool, int, str)):
+        return type(value), value
+    if isinstance(value, Sequence) and all(type(v) is int for v in value):
+        return tuple(value)
+    return None
 
 
 def zeros(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
@@ -210,7 +272,7 @@ def normal(stddev: float = 1.0, mean: float = 0.0) -> Initializer:
     def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
         return _draw_flat(lambda k, n, d: draw(k, n, d) + jnp.asarray(mean, d), key, shape, dtype)
 
-    return init
+    return _Vectorizable(init, "normal", stddev=stddev, mean=mean)
 
 
 def truncated_normal(stddev: float = 1.0, lower: float = -2.0, upper: float = 2.0) -> Initializer:
@@ -251,7 +313,7 @@ def truncated_normal(stddev: float = 1.0, lower: float = -2.0, upper: float = 2.
     def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
         return _draw_flat(draw, key, shape, dtype)
 
-    return init
+    return _Vectorizable(init, "truncated_normal", stddev=stddev, lower=lower, upper=upper)
 
 
 def uniform(minval: float = 0.0, maxval: float = 1.0) -> Initializer:
@@ -285,7 +347,7 @@ def uniform(minval: float = 0.0, maxval: float = 1.0) -> Initializer:
             lambda k, n, d: jax.random.uniform(k, n, d, minval, maxval), key, shape, dtype
         )
 
-    return init
+    return _Vectorizable(init, "uniform", minval=minval, maxval=maxval)
 
 
 def variance_scaling(
@@ -366,7 +428,16 @@ def variance_scaling(
             draw = jax.nn.initializers.truncated_normal(std / _TRUNCATED_STD)
         return _draw_flat(draw, key, shape, dtype)
 
-    return init
+    return _Vectorizable(
+        init,
+        "variance_scaling",
+        scale=scale,
+        mode=mode,
+        distribution=distribution,
+        in_axis=in_axis,
+        out_axis=out_axis,
+        batch_axis=batch_axis,
+    )
 
 
 def glorot_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
@@ -551,6 +622,8 @@ def orthogonal(scale: float = 1.0, column_axis: int = -1) -> Initializer:
         _check_axes(where, shape, column_axis=column_axis)
         return draw(key, shape, _sampling_dtype(dtype)).astype(dtype)
 
+    # Not vectorizable: a batch of QRs may take another algorithm than one QR (cuSOLVER's
+    # batched kernels on GPU), so drawing orthogonal kernels together could change their bits.
     return init
 
 

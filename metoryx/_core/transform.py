@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from metoryx import errors
 from metoryx._core.context import FRAMES, BoundVariable, Frame, Slot
+from metoryx._core.init import InitPlan
 from metoryx._core.module import _BINDING, Binding, Module
 from metoryx._core.paths import flatten_variables, path_str, unflatten_variables
-from metoryx._core.rng import as_root_key, fold_in_path, parse_rngs
+from metoryx._core.rng import as_root_key, parse_rngs
 from metoryx._core.tree import walk
 from metoryx._core.variables import Variable
 
@@ -134,6 +135,7 @@ class _Snapshot:
         self.shapes = [self.variables[i].variable.shape for i in self.leaf_slots]
         self.mutable = any(b.variable.mutable for b in self.variables)
         self.dtypes: dict[bool, list[Any]] = {}
+        self.init_plans: dict[bool, InitPlan] = {}
         self.fn = _resolve_method(model, root, method, memo)
 
     # -- init ------------------------------------------------------------------------------
@@ -141,30 +143,12 @@ class _Snapshot:
     def init(self, key: Any) -> dict[str, Any]:
         """Create ``variables`` from ``key``: fixed values as set, the rest from initializers."""
         key = as_root_key(key)
-        arrays = [self._init_one(key, bound) for bound in self.variables]
+        x64 = jax.config.read("jax_enable_x64")
+        plan = self.init_plans.get(x64)
+        if plan is None:
+            plan = self.init_plans[x64] = InitPlan(self.variables)
+        arrays = plan.draw(key)
         return jax.tree_util.tree_unflatten(self.treedef, [arrays[i] for i in self.leaf_slots])
-
-    def _init_one(self, key: jax.Array, bound: BoundVariable) -> jax.Array:
-        var = bound.variable
-        dtype = jax.dtypes.canonicalize_dtype(var.dtype)
-        if var._value is not None:
-            # A copy: the caller owns what init_fn returns and may donate or delete it, which
-            # must not destroy the model's fixed value (often the user's own array).
-            return jnp.array(var._value, dtype=dtype, copy=True)
-        try:
-            value = var.init(fold_in_path(key, bound.path), var.shape, dtype)
-        except Exception as e:
-            e.add_note(f"(raised by the initializer of {path_str(bound.path)}: {var!r})")
-            raise
-        if not isinstance(value, jax.Array):
-            value = jnp.asarray(value)
-        if value.shape != var.shape:
-            raise errors.VariableShapeError(
-                f"{path_str(bound.path)}: its initializer {var.init!r} returned shape "
-                f"{value.shape}, expected {var.shape}. An initializer must honor the `shape` "
-                f"it is given."
-            )
-        return value if value.dtype == dtype else jnp.asarray(value, dtype=dtype)
 
     # -- apply -----------------------------------------------------------------------------
 

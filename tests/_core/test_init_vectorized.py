@@ -1,0 +1,195 @@
+"""Variables that share an initializer, shape and dtype are drawn together, with the same bits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metoryx as mx
+from metoryx import errors, initializers
+from metoryx._core.init import Group, InitPlan
+from metoryx._core.paths import flatten_variables
+from metoryx._core.rng import fold_in_path
+from metoryx._core.transform import _Snapshot
+
+RANDOM = {
+    "normal": initializers.normal(0.02, mean=0.1),
+    "truncated_normal": initializers.truncated_normal(0.5),
+    "uniform": initializers.uniform(-0.2, 0.3),
+    "glorot_uniform": initializers.glorot_uniform(),
+    "glorot_normal": initializers.glorot_normal(),
+    "lecun_uniform": initializers.lecun_uniform(),
+    "lecun_normal": initializers.lecun_normal(),
+    "he_uniform": initializers.he_uniform(),
+    "he_normal": initializers.he_normal(),
+    "variance_scaling": initializers.variance_scaling(0.5, "fan_avg", "truncated_normal"),
+}
+SHAPES = [(5, 7), (2, 3, 4, 6)]
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+class Bank(mx.Module):
+    """Three alike variables per (initializer, shape, dtype), and one that stands alone."""
+
+    def __init__(self, init, shape, dtype):
+        super().__init__()
+        self.alike = [mx.Parameter(init, shape, dtype) for _ in range(3)]
+        self.alone = mx.Parameter(init, shape[::-1], dtype)
+
+
+def one_by_one(model, key):
+    """What init_fn gave before grouping: each variable drawn with its own path's key."""
+    snapshot = _Snapshot(model, None)
+    out = {}
+    for bound in snapshot.variables:
+        var = bound.variable
+        out[bound.path] = var.init(fold_in_path(key, bound.path), var.shape, var.dtype)
+    return out
+
+
+def assert_same_bits(variables, expected):
+    flat = flatten_variables(variables)
+    assert flat.keys() == expected.keys()
+    for path, value in expected.items():
+        assert flat[path].dtype == value.dtype, path
+        assert np.asarray(flat[path]).tobytes() == np.asarray(value).tobytes(), path
+
+
+def groups(model):
+    return [s for s in InitPlan(_Snapshot(model, None).variables).steps if isinstance(s, Group)]
+
+
+@pytest.mark.parametrize("name", sorted(RANDOM))
+def test_grouped_draws_equal_one_by_one_draws_eagerly_and_under_jit(name):
+    key = jax.random.key(7)
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            model = Bank(RANDOM[name], shape, dtype)
+            assert [len(g.slots) for g in groups(model)] == [3]
+            init_fn, _ = mx.transform(model)
+            assert_same_bits(init_fn(key), one_by_one(model, key))
+            jitted = jax.jit(lambda k, m=model: one_by_one(m, k))(key)
+            assert_same_bits(jax.jit(init_fn)(key), jitted)
+
+
+def test_float64_and_legacy_keys():
+    # float64 needs jax_enable_x64; the plan is made per setting, so flipping it is safe here.
+    model = Bank(initializers.he_normal(), (4, 6), jnp.float64)
+    init_fn, _ = mx.transform(model)
+    with jax.enable_x64(True):
+        for key in (jax.random.key(3), jax.random.PRNGKey(3)):
+            variables = init_fn(key)
+            assert flatten_variables(variables)[("params", "alike", "0")].dtype == jnp.float64
+            assert_same_bits(variables, one_by_one(model, key))
+    assert init_fn(jax.random.key(3))["params"]["alone"].dtype == jnp.float32
+
+
+def test_equal_factories_share_a_group_and_unequal_settings_do_not():
+    assert initializers.he_uniform() == initializers.he_uniform()
+    assert hash(initializers.normal(0.02)) == hash(initializers.normal(0.02))
+    assert initializers.glorot_uniform() == initializers.variance_scaling(1.0, "fan_avg", "uniform")
+    assert initializers.normal(0.02) != initializers.normal(0.03)
+    assert initializers.uniform(0.0, 1.0) != initializers.uniform(-0.0, 1.0)  # other bits
+    assert initializers.uniform(0, 1) != initializers.uniform(0.0, 1.0)
+    assert repr(initializers.normal(0.02)) == "normal(stddev=0.02, mean=0.0)"
+
+    class Net(mx.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = [
+                mx.Dense(8, 8, kernel_init=initializers.normal(0.02)) for _ in range(4)
+            ] + [mx.Dense(8, 8, kernel_init=initializers.normal(0.05))]
+
+    (group,) = groups(Net())
+    assert len(group.slots) == 4
+
+
+def test_the_model_default_mlp_draws_its_kernels_once_and_its_biases_alone():
+    class MLP(mx.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.layers = [mx.Dense(16, 16) for _ in range(n)]
+
+    model = MLP(10)
+    (group,) = groups(model)
+    assert len(group.slots) == 10  # zeros are not vectorizable: XLA merges their fills
+    jaxpr = jax.make_jaxpr(mx.transform(model).init)(jax.random.key(0))
+    deeper = jax.make_jaxpr(mx.transform(MLP(40)).init)(jax.random.key(0))
+    # One sampler for all kernels: 30 more layers add only a bias fill each (and its key, two
+    # fold_ins that XLA drops as unused), not a sampler each.
+    assert len(deeper.eqns) - len(jaxpr.eqns) == 3 * 30
+    assert_same_bits(
+        mx.transform(model).init(jax.random.key(1)), one_by_one(model, jax.random.key(1))
+    )
+
+
+def test_fixed_values_and_unmarked_initializers_are_drawn_alone():
+    custom_calls = []
+
+    def custom(key, shape, dtype=jnp.float32):  # a Python side effect: must run per variable
+        custom_calls.append(shape)
+        return jax.random.normal(key, shape, dtype)
+
+    class Net(mx.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = [mx.Parameter(custom, (3,)) for _ in range(3)]
+            self.b = [mx.Parameter(initializers.normal(), (3,)) for _ in range(3)]
+
+    model = Net()
+    fixed = jnp.arange(3.0)
+    model.b[1].value = fixed
+    init_fn, _ = mx.transform(model)
+    variables = init_fn(jax.random.key(0))
+    assert len(custom_calls) == 3
+    (group,) = groups(model)
+    assert [len(group.slots)] == [2]
+    np.testing.assert_array_equal(variables["params"]["b"]["1"], fixed)
+    assert variables["params"]["b"]["1"] is not model.b[1].value
+    expected = one_by_one(model, jax.random.key(0))
+    expected[("params", "b", "1")] = fixed
+    assert_same_bits(variables, expected)
+
+
+def test_a_group_under_vmap_over_root_keys_and_eval_shape():
+    model = Bank(initializers.lecun_normal(), (4, 4), jnp.float32)
+    init_fn, _ = mx.transform(model)
+    keys = jax.random.split(jax.random.key(0), 2)
+    stacked = jax.vmap(init_fn)(keys)
+    for i in range(2):
+        one = jax.tree.map(lambda a, i=i: a[i], stacked)
+        assert_same_bits(one, one_by_one(model, keys[i]))
+    abstract = jax.eval_shape(init_fn, jax.random.key(0))
+    assert abstract["params"]["alike"]["2"].shape == (4, 4)
+
+
+def test_errors_of_a_group_name_the_first_variable():
+    model = Bank(initializers.he_uniform(), (4,), jnp.float32)  # 1-d: no fans
+    model.alone = mx.Parameter(initializers.zeros, (1,))
+    init_fn, _ = mx.transform(model)
+    for fn in (init_fn, jax.jit(init_fn)):
+        with pytest.raises(errors.LayerConfigError) as info:
+            fn(jax.random.key(0))
+        assert "params/alike/0" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_a_vectorizable_initializer_of_the_wrong_shape_names_the_variable():
+    class Wrong:
+        vectorizable = True
+
+        def __call__(self, key, shape, dtype=jnp.float32):
+            return jnp.zeros((2,), dtype)
+
+    model = Bank(Wrong(), (3,), jnp.float32)
+    for fn in (mx.transform(model).init, jax.jit(mx.transform(model).init)):
+        with pytest.raises(errors.VariableShapeError, match="alike/0"):
+            fn(jax.random.key(0))
+
+
+def test_large_groups_are_drawn_in_bounded_calls(monkeypatch):
+    monkeypatch.setattr("metoryx._core.init.MAX_GROUP_ELEMENTS", 2 * 20)
+    model = Bank(initializers.normal(), (4, 5), jnp.float32)
+    model.alike.append(mx.Parameter(initializers.normal(), (4, 5)))
+    assert [len(g.slots) for g in groups(model)] == [2, 2]
+    init_fn, _ = mx.transform(model)
+    assert_same_bits(init_fn(jax.random.key(0)), one_by_one(model, jax.random.key(0)))
