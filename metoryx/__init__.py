@@ -18,6 +18,12 @@ from metoryx._core.module import Module, module_label
 from metoryx._core.rng import PRNGKeys, next_rng_key
 from metoryx._core.transform import Transformed, apply, init, transform
 from metoryx._core.variables import Parameter, State, Variable
+from metoryx.capture import capture, sow
+from metoryx.lift.branch import cond, switch
+from metoryx.lift.checkpoint import checkpoint
+from metoryx.lift.scan import Repeat, scan
+from metoryx.lift.stacking import stack, unstack
+from metoryx.lift.vmap import vmap
 from metoryx.nn.activations import (
     PReLU,
     celu,
@@ -83,6 +89,7 @@ __all__ = [
     "Parameter",
     "RMSNorm",
     "RNN",
+    "Repeat",
     "RotaryEmbedding",
     "Sequential",
     "SimpleRNNCell",
@@ -97,7 +104,10 @@ __all__ = [
     "apply_rotary",
     "assign_variables",
     "avg_pool",
+    "capture",
     "celu",
+    "checkpoint",
+    "cond",
     "dot_product_attention",
     "dropout",
     "elu",
@@ -119,13 +129,19 @@ __all__ = [
     "relu",
     "relu6",
     "rotary_frequencies",
+    "scan",
     "selu",
     "sigmoid",
     "silu",
     "sinusoidal_embedding",
     "softmax",
     "softplus",
+    "sow",
+    "stack",
     "swish",
+    "switch",
     "tanh",
     "transform",
+    "unstack",
+    "vmap",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "ModuleStructureError",
     "PartialAssignmentWarning",
     "RngsTypeError",
+    "TransformBoundaryError",
     "UnsetValueError",
     "VariableDefinitionError",
     "VariableDtypeError",
@@ -199,6 +200,28 @@ class ApplyContextError(MetoryxError, RuntimeError):
         ...     mx.next_rng_key()
         ... except mx.errors.ApplyContextError as e:
         ...     print("apply_fn" in str(e))
+        True
+    """
+
+
+class TransformBoundaryError(MetoryxError, RuntimeError):
+    """A State, a random key or a sown value crossed the boundary of a JAX transformation.
+
+    Raised when module code assigns a State, draws a key or sows a value inside a raw
+    ``jax.vmap``, ``jax.lax.scan``, ``jax.lax.cond`` or ``jax.checkpoint`` that it started
+    itself (the value would leak out as a tracer), and when the body of a lifted transformation
+    (``mx.scan``, ``mx.vmap``, ...) assigns a State that lies outside the module it lifts.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class Noisy(mx.Module):
+        ...     def __call__(self, xs):
+        ...         return jax.vmap(lambda x: x + jax.random.normal(mx.next_rng_key()))(xs)
+        >>> _, apply_fn = mx.transform(Noisy())
+        >>> try:
+        ...     apply_fn({}, jax.random.key(0), jnp.zeros(3))
+        ... except mx.errors.TransformBoundaryError as e:
+        ...     print("mx.vmap" in str(e))
         True
     """
 

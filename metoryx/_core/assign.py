@@ -7,9 +7,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import jax.numpy as jnp
 import numpy as np
 
 from metoryx import errors
+from metoryx._core.context import BoundVariable
 from metoryx._core.module import Module
 from metoryx._core.paths import flatten_variables, path_str
 from metoryx._core.transform import mismatch_report
@@ -61,12 +63,14 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
         )
     given = flatten_variables(variables)
     wanted = dict(tree.variables)
+    # A variable that a lifted wrapper stacks takes the array of all its copies.
+    shapes = {p: BoundVariable(p, v, tree.axes.get(p, ())).shape for p, v in wanted.items()}
     missing = [path_str(p) for p in wanted if p not in given]
     unused = [path_str(p) for p in given if p not in wanted]
     wrong = [
-        f"{path_str(p)}: expected {var.shape}, got {tuple(np.shape(given[p]))}"
-        for p, var in wanted.items()
-        if p in given and tuple(np.shape(given[p])) != var.shape
+        f"{path_str(p)}: expected {shapes[p]}, got {tuple(np.shape(given[p]))}"
+        for p in wanted
+        if p in given and tuple(np.shape(given[p])) != shapes[p]
     ]
     if wrong:
         raise errors.VariableShapeError(
@@ -82,7 +86,10 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
     result = copy.deepcopy(model, memo)
     for path, var in wanted.items():
         if path in given:
-            memo[id(var)].value = given[path]
+            if path in tree.axes:  # every copy's value: more than the setter's one copy
+                memo[id(var)]._value = jnp.array(given[path], dtype=var.dtype)
+            else:
+                memo[id(var)].value = given[path]
     if missing or unused:
         warnings.warn(
             errors.PartialAssignmentWarning(

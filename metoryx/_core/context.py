@@ -25,6 +25,16 @@ from metoryx import errors
 from metoryx._core.paths import Path, path_str
 from metoryx._core.variables import Variable
 
+try:  # JAX >= 0.4.36 exports it here; jax.core's copy is deprecated
+    from jax.extend.core import get_opaque_trace_state as _get_trace_state
+except ImportError:  # pragma: no cover - older JAX
+    from jax.core import get_opaque_trace_state as _get_trace_state
+
+
+def trace_state() -> Any:
+    """An object equal to another only when taken under the same JAX trace."""
+    return _get_trace_state(convention="metoryx")
+
 
 class Slot(NamedTuple):
     """Where a variable's array sits in a frame's value list."""
@@ -32,24 +42,104 @@ class Slot(NamedTuple):
     index: int
 
 
+class StackAxis(NamedTuple):
+    """A leading axis of a stacked variable: one per copy made by a lifted wrapper.
+
+    ``owner`` is the wrapper's module path; ``at`` is where the copy index goes into the
+    variable's path to give the path of that copy in the unrolled layout (``blocks/3/kernel``
+    for copy 3 of ``blocks/kernel``), which is the path its init key is derived from.
+    """
+
+    owner: Path
+    at: int
+    size: int
+
+
 class BoundVariable(NamedTuple):
-    """A snapshot variable with the path it is stored under."""
+    """A snapshot variable with the path it is stored under and its stacked axes, if any."""
 
     path: Path
     variable: Variable
+    axes: tuple[StackAxis, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the stored array: one leading axis per copy axis, then the variable's."""
+        return (*(a.size for a in self.axes), *self.variable.shape)
+
+    def copy_paths(self) -> list[Path]:
+        """The unrolled path of every copy, in row-major order of the stacked axes.
+
+        An unstacked variable has one copy at its own path. Copy ``(i, j)`` of a variable with
+        two axes has ``str(i)`` and ``str(j)`` inserted where its axes say
+        (``params/blocks/3/attn/kernel``): the path it has in the unrolled model.
+        """
+        paths = [self.path]
+        for axis in self.axes:
+            paths = [
+                (*p[: axis.at], str(i), *p[axis.at :]) for p in paths for i in range(axis.size)
+            ]
+        return paths
 
 
 class Frame:
-    """The arrays and random streams of one ``apply_fn`` call."""
+    """The arrays and random streams of one ``apply_fn`` call, or of one trace of a lifted body.
 
-    __slots__ = ("variables", "values", "streams", "counters", "derived")
+    A lifted transformation (``mx.scan``, ``mx.vmap``, ``mx.checkpoint``, ...) runs its body in
+    a *child* frame (see ``lifting.py``): a copy of the parent's values with the body's own
+    arrays in their slots, its ``region`` (the parent, which slots may change, how rngs split)
+    and the trace state of the body. ``trace`` is the JAX trace the frame belongs to: a State
+    assigned or a key drawn under another trace (a raw ``jax.vmap`` or ``lax.scan`` inside
+    module code) would leak a tracer, so it is refused.
+    """
 
-    def __init__(self, variables: list[BoundVariable], values: list[Any], streams: dict[str, Any]):
+    __slots__ = (
+        "variables",
+        "values",
+        "shapes",
+        "streams",
+        "counters",
+        "derived",
+        "trace",
+        "region",
+        "index",
+        "written",
+        "capture",
+        "captured",
+    )
+
+    def __init__(
+        self,
+        variables: list[BoundVariable],
+        values: list[Any],
+        shapes: list[tuple[int, ...]],
+        streams: dict[str, Any],
+        capture: Any = None,
+    ):
         self.variables = variables
         self.values = values
+        self.shapes = shapes  # the shape of each slot's array in this frame
         self.streams = streams
         self.counters: dict[str, int] = {}
         self.derived: dict[str, Any] = {}
+        self.trace = trace_state()
+        self.region: Any = None  # the lifting.Region of a child frame
+        self.index: Any = None  # the copy index of a child frame whose rngs are split
+        self.written: dict[int, None] = {}  # slots assigned in this frame, in order
+        self.capture = capture  # what mx.capture records, or None
+        self.captured: dict[str, list[Any]] = {}
+
+    def check_trace(self, what: str) -> None:
+        """Refuse ``what`` when JAX is tracing a transformation started inside module code."""
+        if trace_state() != self.trace:
+            raise errors.TransformBoundaryError(
+                f"{what} inside a JAX transformation (jax.vmap, jax.lax.scan, jax.lax.cond, "
+                f"jax.checkpoint, ...) that started inside the model's code. The value would "
+                f"belong to that transformation and leak out of it as a tracer, or be the same "
+                f"in every iteration. Use the lifted version, which carries State, random "
+                f"keys and sown values across the boundary: mx.vmap, mx.scan or mx.Repeat, "
+                f"mx.cond or mx.switch, mx.checkpoint."
+            )
 
     def read(self, template: Any, where: str) -> Any:
         """The value of a templated attribute: arrays in place of the slots.
@@ -117,13 +207,18 @@ class Frame:
                 f"after an optimizer step); for a value the model updates itself, declare it "
                 f"as mx.State(collection, init, shape) with mutable=True."
             )
+        expected = self.shapes[index]
         shape = tuple(np.shape(value))
-        if shape != var.shape:
+        if shape != expected:
             raise errors.VariableShapeError(
                 f"{where} ({path_str(bound.path)}): a State keeps its shape; expected a value of "
-                f"shape {var.shape}, got {shape}. Reduce or reshape the new value to {var.shape}."
+                f"shape {expected}, got {shape}. Reduce or reshape the new value to {expected}."
             )
+        self.check_trace(f"{where} ({path_str(bound.path)}) is assigned")
+        if self.region is not None:
+            self.region.check_writable(where, index)
         self.values[index] = jnp.asarray(value, dtype=jax.dtypes.canonicalize_dtype(var.dtype))
+        self.written[index] = None
 
 
 def _refuse(self: ReadOnlyList | ReadOnlyDict, *args: Any, **kwargs: Any) -> None:

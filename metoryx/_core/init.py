@@ -17,7 +17,6 @@ drawn again one by one, so the error names the variable's path exactly as it wou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +36,9 @@ MAX_GROUP_ELEMENTS = 1 << 26
 
 
 class Group(NamedTuple):
-    """Variables drawn together: their initializer, shape, dtype, slots and path hashes."""
+    """Draws made together: their initializer, shape and dtype, and per draw its slot and path
+    hash. A stacked variable (a copy per layer of ``mx.Repeat``) is a run of draws of its slot,
+    one per copy, each with the key of that copy's unrolled path."""
 
     init: Any
     shape: tuple[int, ...]
@@ -65,14 +66,15 @@ class InitPlan:
                     pass
             steps.append(i)
         for (init, shape, dtype), slots in alike.items():
+            draws = [(i, p) for i in slots for p in variables[i].copy_paths()]
+            if len(draws) == 1:
+                steps.append(slots[0])
+                continue
             per_call = max(MAX_GROUP_ELEMENTS // max(math.prod(shape), 1), 1)
-            for start in range(0, len(slots), per_call):
-                chunk = slots[start : start + per_call]
-                if len(chunk) == 1:
-                    steps.append(chunk[0])
-                else:
-                    words = path_words(variables[j].path for j in chunk)
-                    steps.append(Group(init, shape, dtype, chunk, words))
+            for start in range(0, len(draws), per_call):
+                chunk = draws[start : start + per_call]
+                words = path_words(p for _, p in chunk)
+                steps.append(Group(init, shape, dtype, [i for i, _ in chunk], words))
         # In the order of the variables, so that the first failing one is the one reported.
         steps.sort(key=lambda step: step.slots[0] if isinstance(step, Group) else step)
         self.steps = steps
@@ -80,22 +82,46 @@ class InitPlan:
     def draw(self, key: jax.Array) -> list[jax.Array]:
         """The array of every variable, in slot order, from the root ``key``."""
         arrays: list[Any] = [None] * len(self.variables)
+        pieces: dict[int, list[jax.Array]] = {}  # the draws of stacked slots, in copy order
         for step in self.steps:
             if isinstance(step, int):
                 arrays[step] = init_one(key, self.variables[step])
                 continue
             drawn = _draw_group(key, step)
             if drawn is None:
-                for i in step.slots:
+                for i in dict.fromkeys(step.slots):
                     arrays[i] = init_one(key, self.variables[i])
+                continue
+            runs = _runs(step.slots)
+            if len(runs) == len(step.slots) and not any(self.variables[i].axes for i in step.slots):
+                split = jnp.unstack(drawn)  # one equation for the whole group
             else:
-                for i, array in zip(step.slots, drawn, strict=True):
-                    arrays[i] = array
+                split = lax.split(drawn, [count for _, count in runs])
+            for (i, _), part in zip(runs, split, strict=True):
+                if self.variables[i].axes:
+                    pieces.setdefault(i, []).append(part)
+                else:
+                    arrays[i] = part.reshape(self.variables[i].shape)
+        for i, parts in pieces.items():
+            if arrays[i] is None:
+                stacked = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+                arrays[i] = stacked.reshape(self.variables[i].shape)
         return arrays
 
 
-def _draw_group(key: jax.Array, group: Group) -> Sequence[jax.Array] | None:
-    """The group's arrays from one vmapped draw, or None when it must be drawn one by one."""
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """``[3, 3, 5, 3]`` -> ``[(3, 2), (5, 1), (3, 1)]``: consecutive equal slots and counts."""
+    runs: list[tuple[int, int]] = []
+    for i in slots:
+        if runs and runs[-1][0] == i:
+            runs[-1] = (i, runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _draw_group(key: jax.Array, group: Group) -> jax.Array | None:
+    """The group's draws stacked from one vmapped draw, or None to draw them one by one."""
     keys = fold_in_paths(key, group.words)
 
     def draw(one_key: jax.Array) -> Any:
@@ -112,27 +138,41 @@ def _draw_group(key: jax.Array, group: Group) -> Sequence[jax.Array] | None:
         return None
     if stacked.dtype != group.dtype:
         stacked = stacked.astype(group.dtype)
-    return jnp.unstack(stacked)
+    return stacked
 
 
 def init_one(key: jax.Array, bound: BoundVariable) -> jax.Array:
-    """The array of one variable: a copy of its fixed value, or a draw with its own key."""
+    """The array of one variable: a copy of its fixed value, or a draw per copy with its key.
+
+    A stacked variable's fixed value is either one copy's (every copy starts from it) or the
+    whole stack's (as ``mx.assign_variables`` sets it from trained variables).
+    """
     var = bound.variable
     dtype = jax.dtypes.canonicalize_dtype(var.dtype)
     if var._value is not None:
         # A copy: the caller owns what init_fn returns and may donate or delete it, which
         # must not destroy the model's fixed value (often the user's own array).
-        return jnp.array(var._value, dtype=dtype, copy=True)
+        value = jnp.asarray(var._value, dtype=dtype)
+        return jnp.array(jnp.broadcast_to(value, bound.shape), copy=True)
+    draws = [_draw_one(key, path, bound) for path in bound.copy_paths()]
+    if not bound.axes:
+        return draws[0]
+    return jnp.stack(draws).reshape(bound.shape)
+
+
+def _draw_one(key: jax.Array, path: tuple[str, ...], bound: BoundVariable) -> jax.Array:
+    var = bound.variable
+    dtype = jax.dtypes.canonicalize_dtype(var.dtype)
     try:
-        value = var.init(fold_in_path(key, bound.path), var.shape, dtype)
+        value = var.init(fold_in_path(key, path), var.shape, dtype)
     except Exception as e:
-        e.add_note(f"(raised by the initializer of {path_str(bound.path)}: {var!r})")
+        e.add_note(f"(raised by the initializer of {path_str(path)}: {var!r})")
         raise
     if not isinstance(value, jax.Array):
         value = jnp.asarray(value)
     if value.shape != var.shape:
         raise errors.VariableShapeError(
-            f"{path_str(bound.path)}: its initializer {var.init!r} returned shape "
+            f"{path_str(path)}: its initializer {var.init!r} returned shape "
             f"{value.shape}, expected {var.shape}. An initializer must honor the `shape` "
             f"it is given."
         )

@@ -9,10 +9,11 @@ attributes and sub-modules stay in ``__dict__`` and are read at plain attribute 
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
@@ -59,6 +60,11 @@ class Module:
         >>> y.shape
         (3, 2)
     """
+
+    # The attribute holding a module that sits at this module's own path: the lifted
+    # wrappers (mx.Repeat, mx.vmap, ...) put their template's variables where a user expects
+    # them (``blocks/kernel``, not ``blocks/module/kernel``). None for ordinary modules.
+    _transparent: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         """Nothing to set up: a module's state is its attributes."""
@@ -145,19 +151,25 @@ def module_label(module: Module) -> str:
     return f"{name} at {path_str(binding.path)!r}"
 
 
-def calling_module_label() -> str | None:
-    """The label of the innermost bound module whose method is on the call stack.
+def calling_module() -> Module | None:
+    """The innermost bound module whose method is on the call stack.
 
-    Used on error paths only (a missing rng key inside a function such as ``dropout``), so the
-    happy path pays nothing for knowing which layer is running.
+    Used where the happy path must not pay for knowing which layer is running: error messages
+    (a missing rng key inside a function such as ``dropout``) and ``mx.sow`` while capturing.
     """
     frame = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
         if isinstance(candidate, Module) and _BINDING in candidate.__dict__:
-            return module_label(candidate)
+            return candidate
         frame = frame.f_back
     return None
+
+
+def calling_module_label() -> str | None:
+    """The label of :func:`calling_module`, for error messages; None outside module code."""
+    module = calling_module()
+    return None if module is None else module_label(module)
 
 
 def function_label(name: str) -> str:
@@ -208,8 +220,11 @@ def iter_children(module: Module) -> Iterator[tuple[Path, Module | Variable]]:
     cannot reach (a set, a dict key that is not a str or int, a non-Module object) and for two
     dict keys that would give the same path.
     """
+    transparent = type(module)._transparent
     for name, value in vars(module).items():
-        if name != _BINDING:
+        if name == transparent and isinstance(value, Module):
+            yield (), value
+        elif name != _BINDING:
             yield from _scan(value, (name,), module)
 
 
@@ -291,7 +306,7 @@ def _repr_lines(module: Module, path: Path, seen: dict[int, Path], stack: set[in
     body: list[str] = []
     for rel, child in iter_children(module):
         child_path = (*path, *rel)
-        name = f"({'/'.join(rel)}): "
+        name = f"({'/'.join(rel)}): " if rel else ""  # a lifted wrapper's template
         if id(child) in stack:
             body.append(f"{name}<cycle back to {path_str(seen[id(child)])!r}>")
         elif id(child) in seen:
@@ -310,24 +325,19 @@ def _repr_lines(module: Module, path: Path, seen: dict[int, Path], stack: set[in
 
 
 def _count_line(module: Module) -> str:
+    from metoryx._core.tree import walk  # the tree analysis builds on this module
+
+    try:
+        tree = walk(module)
+    except errors.ModuleStructureError:  # a cycle: the lines above show where
+        return "No total: the modules do not form a tree."
     counts: dict[str, list[int]] = {}
-    seen: set[int] = set()
-
-    def visit(m: Module) -> None:
-        seen.add(id(m))
-        for _, child in iter_children(m):
-            if id(child) in seen:
-                continue
-            if isinstance(child, Variable):
-                seen.add(id(child))
-                entry = counts.setdefault(child.collection, [0, 0])
-                size = int(np.prod(child.shape, dtype=np.int64))
-                entry[0] += size
-                entry[1] += size * child.dtype.itemsize
-            else:
-                visit(child)
-
-    visit(module)
+    for path, var in tree.variables:
+        copies = math.prod(axis.size for axis in tree.axes.get(path, ()))
+        entry = counts.setdefault(var.collection, [0, 0])
+        size = int(np.prod(var.shape, dtype=np.int64)) * copies
+        entry[0] += size
+        entry[1] += size * var.dtype.itemsize
     if not counts:
         return "No variables."
     parts = [

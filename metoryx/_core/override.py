@@ -110,11 +110,11 @@ def _slot(module: Module, templates: dict[str, Any], frame: Frame, name: str, va
             f"of the call; overriding it would make an assignment inside the block ambiguous. "
             f"Assign it instead, or declare it with mutable=False if it is a constant."
         )
-    shape = tuple(np.shape(value))
-    if shape != bound.variable.shape:
+    shape, expected = tuple(np.shape(value)), frame.shapes[template.index]
+    if shape != expected:
         raise errors.VariableShapeError(
-            f"overridden: {where} has shape {bound.variable.shape}, got an array of shape "
+            f"overridden: {where} has shape {expected}, got an array of shape "
             f"{shape}. The module computes with the variable's shape: give an array of shape "
-            f"{bound.variable.shape}."
+            f"{expected}."
         )
     return template.index

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metoryx import errors
-from metoryx._core.context import innermost_frame
+from metoryx._core.context import Frame, innermost_frame
 from metoryx._core.module import calling_module_label
 
 DEFAULT_STREAM = "default"
@@ -170,17 +170,41 @@ def next_rng_key(stream: str | None = None) -> jax.Array:
             f"while a transformed model runs; outside, use jax.random directly."
         )
     frame = found[1]
-    base = frame.streams.get(name)
-    if base is None:
-        base = frame.derived.get(name)
-    if base is None:
-        default = frame.streams.get(DEFAULT_STREAM)
-        if default is None:
-            raise _missing(name, frame.streams)
-        base = frame.derived[name] = fold_in_path(default, ("stream", name))
+    frame.check_trace(f"mx.next_rng_key({name!r}) is called")
+    base = stream_base(frame, name)
     count = frame.counters.get(name, 0)
     frame.counters[name] = count + 1
     return jax.random.fold_in(base, count)
+
+
+def stream_base(frame: Frame, name: str, cache: bool = True) -> jax.Array:
+    """The key that the draws of stream ``name`` in ``frame`` fold their counter into.
+
+    In a top-level frame: the given key, or one derived from the ``"default"`` stream. In the
+    child frame of a lifted body: the parent's, or, where the body splits the stream, the key
+    the parent would draw next folded with the copy's index. Only a frame's own base is
+    cached there: a parent's, computed while the body is traced, belongs to the body's trace.
+    """
+    base = frame.derived.get(name)
+    if base is not None:
+        return base
+    region = frame.region
+    if region is None:
+        base = frame.streams.get(name)
+        if base is None:
+            default = frame.streams.get(DEFAULT_STREAM)
+            if default is None:
+                raise _missing(name, frame.streams)
+            base = fold_in_path(default, ("stream", name))
+    else:
+        base = stream_base(region.parent, name, cache=False)
+        if region.splits(name):
+            base = jax.random.fold_in(base, region.start.get(name, 0))
+            base = jax.random.fold_in(base, frame.index)
+            region.split_used.add(name)
+    if cache:
+        frame.derived[name] = base
+    return base
 
 
 def _missing(stream: str, given: Mapping[str, Any]) -> errors.MissingRngError:

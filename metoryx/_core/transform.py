@@ -125,14 +125,19 @@ class _Snapshot:
                 f"or give their class a __deepcopy__."
             ) from e
         self.root = root
-        self.variables = [BoundVariable(path, memo[id(v)]) for path, v in tree.variables]
+        self.variables = [
+            BoundVariable(path, memo[id(v)], tree.axes.get(path, ())) for path, v in tree.variables
+        ]
         slot_of = {id(b.variable): Slot(i) for i, b in enumerate(self.variables)}
-        for path, module in tree.modules:
-            _bind(memo[id(module)], Binding(self, path, {}), slot_of)
+        self.modules = [(path, memo[id(module)]) for path, module in tree.modules]
+        for path, module in self.modules:
+            _bind(module, Binding(self, path, {}), slot_of)
 
         nested = unflatten_variables({b.path: i for i, b in enumerate(self.variables)})
         self.leaf_slots, self.treedef = jax.tree_util.tree_flatten(nested)
-        self.shapes = [self.variables[i].variable.shape for i in self.leaf_slots]
+        self.slot_shapes = [b.shape for b in self.variables]
+        self.shapes = [self.slot_shapes[i] for i in self.leaf_slots]
+        self.lift_plans: dict[Any, Any] = {}  # lifting.plan_of's cache, by wrapper path
         self.mutable = any(b.variable.mutable for b in self.variables)
         self.dtypes: dict[bool, list[Any]] = {}
         self.init_plans: dict[bool, InitPlan] = {}
@@ -154,6 +159,18 @@ class _Snapshot:
 
     def apply(self, variables: Any, rngs: Any, /, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         """Run the model's method on ``variables``; return ``(output, new_variables)``."""
+        out, new_variables, _ = self.run(variables, rngs, args, kwargs)
+        return out, new_variables
+
+    def run(
+        self,
+        variables: Any,
+        rngs: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        capture: Any = None,
+    ) -> tuple[Any, Any, dict[str, list[Any]]]:
+        """``apply`` that also returns what ``capture`` (see ``metoryx.capture``) recorded."""
         leaves, treedef = jax.tree_util.tree_flatten(variables)
         foreign = treedef != self.treedef  # e.g. an OrderedDict, or paths that differ
         if foreign:
@@ -172,7 +189,7 @@ class _Snapshot:
                 f"run. Pass the method to run: mx.transform(model, method='encode') or "
                 f"method=lambda m, x: m.encode(x)."
             )
-        frame = Frame(self.variables, values, parse_rngs(rngs))
+        frame = Frame(self.variables, values, self.slot_shapes, parse_rngs(rngs), capture)
         frames = dict(FRAMES.get())
         frames.pop(self, None)
         frames[self] = frame
@@ -182,12 +199,12 @@ class _Snapshot:
         finally:
             FRAMES.reset(token)
         if not self.mutable:
-            return out, variables
+            return out, variables, frame.captured
         if foreign:  # another mapping type: answer in the caller's structure
             flat = {b.path: frame.values[i] for i, b in enumerate(self.variables)}
-            return out, _restructure(variables, flat, ())
+            return out, _restructure(variables, flat, ()), frame.captured
         updated = [frame.values[i] for i in self.leaf_slots]
-        return out, jax.tree_util.tree_unflatten(self.treedef, updated)
+        return out, jax.tree_util.tree_unflatten(self.treedef, updated), frame.captured
 
     def _dtypes(self) -> list[Any]:
         dtypes = [
@@ -218,7 +235,7 @@ class _Snapshot:
             bound = self.variables[slot]
             raise errors.VariableDtypeError(
                 f"{path_str(bound.path)} ({type(bound.variable).__name__}): expected an array "
-                f"of dtype {jnp.dtype(dtype).name} and shape {bound.variable.shape}, got "
+                f"of dtype {jnp.dtype(dtype).name} and shape {bound.shape}, got "
                 f"{type(leaf).__name__} {leaf!r:.60}. Pass the arrays init_fn returns (or a "
                 f"checkpoint with the same paths)."
             ) from None
@@ -227,10 +244,17 @@ class _Snapshot:
         bound = self.variables[slot]
         var = bound.variable
         what = f"{path_str(bound.path)} ({type(var).__name__})"
-        if leaf.shape != var.shape:
+        if leaf.shape != bound.shape:
+            hint = (
+                " It is stacked, one copy per layer or member: convert an unrolled checkpoint "
+                "with mx.stack(model, variables)."
+                if bound.axes
+                else ""
+            )
             return errors.VariableShapeError(
-                f"{what}: expected shape {var.shape}, got {leaf.shape}. The variables do not "
+                f"{what}: expected shape {bound.shape}, got {leaf.shape}. The variables do not "
                 f"match this model; re-create them with init_fn, or convert the checkpoint."
+                f"{hint}"
             )
         return errors.VariableDtypeError(
             f"{what}: expected dtype {jnp.dtype(dtype).name}, got {leaf.dtype.name}. Cast "

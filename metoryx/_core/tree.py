@@ -6,16 +6,23 @@ import types
 from typing import Any, NamedTuple
 
 from metoryx import errors
+from metoryx._core.context import StackAxis
+from metoryx._core.lifting import Lifted
 from metoryx._core.module import Module, holds_modules_or_variables, iter_children
 from metoryx._core.paths import Path, path_str
 from metoryx._core.variables import Variable
 
 
 class ModuleTree(NamedTuple):
-    """Unique modules (by attribute path) and variables (by collection-first path), in order."""
+    """Unique modules (by attribute path) and variables (by collection-first path), in order.
+
+    ``axes`` gives the stacked axes of the variables that lifted wrappers (``mx.Repeat``,
+    ``mx.vmap``, ...) copy, by path; the other variables are absent from it.
+    """
 
     modules: list[tuple[Path, Module]]
     variables: list[tuple[Path, Variable]]
+    axes: dict[Path, tuple[StackAxis, ...]]
 
     def copy_memo(self) -> dict[int, Any]:
         """A ``copy.deepcopy`` memo that keeps immutable leaves of the model by reference.
@@ -59,11 +66,19 @@ def walk(model: Module) -> ModuleTree:
         )
     modules: list[tuple[Path, Module]] = []
     variables: list[tuple[Path, Variable]] = []
+    axes: dict[Path, tuple[StackAxis, ...]] = {}
     seen: dict[int, Path] = {}
+    # Each object's chain of enclosing lifted wrappers: an object inside one is copied or
+    # mapped with it, so it cannot also be used outside (nor inside another).
+    chain_of: dict[int, tuple[Path, ...]] = {}
     active: set[int] = set()
 
-    def visit(module: Module, path: Path) -> None:
+    def visit(module: Module, path: Path, lifts: tuple[tuple[Path, Lifted], ...]) -> None:
+        if isinstance(module, Lifted) and module.isolates():
+            lifts = (*lifts, (path, module))
+        chain = tuple(p for p, _ in lifts)
         seen[id(module)] = path
+        chain_of[id(module)] = chain
         active.add(id(module))
         modules.append((path, module))
         for rel, child in iter_children(module):
@@ -76,13 +91,45 @@ def walk(model: Module) -> ModuleTree:
                     f"it outside the module (e.g. pass it as an argument)."
                 )
             if id(child) in seen:
+                if chain_of[id(child)] != chain:
+                    raise _shared_across_lifts(child, child_path, seen[id(child)])
                 continue
             if isinstance(child, Variable):
+                full = (child.collection, *child_path)
                 seen[id(child)] = child_path
-                variables.append(((child.collection, *child_path), child))
+                chain_of[id(child)] = chain
+                variables.append((full, child))
+                stacked = _stack_axes(child, lifts)
+                if stacked:
+                    axes[full] = stacked
             else:
-                visit(child, child_path)
+                visit(child, child_path, lifts)
         active.discard(id(module))
 
-    visit(model, ())
-    return ModuleTree(modules, variables)
+    visit(model, (), ())
+    return ModuleTree(modules, variables, axes)
+
+
+def _stack_axes(var: Variable, lifts: tuple[tuple[Path, Lifted], ...]) -> tuple[StackAxis, ...]:
+    """The copy axes of ``var`` from its enclosing wrappers, outermost first.
+
+    Each axis's ``at`` is where its index goes into the path once the outer indices are in:
+    copy ``(i, j)`` of ``params/outer/inner/kernel`` has the path
+    ``params/outer/i/inner/j/kernel``.
+    """
+    found: list[StackAxis] = []
+    for owner, lifted in lifts:
+        size = lifted.copies(var.collection)
+        if size is not None:
+            found.append(StackAxis(owner, 1 + len(owner) + len(found), size))
+    return tuple(found)
+
+
+def _shared_across_lifts(child: Any, path: Path, first: Path) -> errors.ModuleStructureError:
+    kind = "variable" if isinstance(child, Variable) else "module"
+    return errors.ModuleStructureError(
+        f"{path_str(path)}: this {kind} is also reachable at {path_str(first)!r}, on the other "
+        f"side of a lifted wrapper (mx.Repeat, mx.scan, mx.vmap, mx.checkpoint). What a wrapper "
+        f"holds is copied, mapped or rematerialized with it, so it cannot also be used from "
+        f"outside it. Give each side its own {kind}, or move the shared one inside the wrapper."
+    )

@@ -1,0 +1,190 @@
+"""``mx.vmap``: a module mapped over an axis, its variables shared or one copy per member.
+
+With shared variables it is a batched call of one module (``jax.vmap`` of its ``__call__``).
+With ``variable_axes={"params": 0}`` it is an ensemble inside a model: ``axis_size`` members,
+each with its own parameters (stacked on a leading axis, each initialized with the key of its
+unrolled path ``members/3/kernel``) and its own random keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metoryx import errors
+from metoryx._core.lifting import (
+    Lifted,
+    Region,
+    check_split_rngs,
+    check_variable_axes,
+    plan_of,
+    running,
+    stacked_copies,
+)
+from metoryx._core.module import Module, module_label
+from metoryx._core.paths import path_str
+
+
+class Vmap(Lifted):
+    """A module mapped with ``jax.vmap``; made by :func:`vmap`."""
+
+    def __init__(
+        self,
+        module: Module,
+        in_axes: Any,
+        out_axes: Any,
+        variable_axes: Any,
+        split_rngs: Any,
+        axis_size: int | None,
+        axis_name: str | None,
+    ):
+        where = f"mx.vmap({type(module).__name__})"
+        if not isinstance(module, Module):
+            raise errors.LayerConfigError(
+                f"{where}: expected an mx.Module, got {type(module).__name__}. Inside a "
+                f"model's method, jax.vmap of a plain function needs no lifting."
+            )
+        if axis_size is not None and (isinstance(axis_size, bool) or int(axis_size) < 1):
+            raise errors.LayerConfigError(
+                f"{where}: axis_size must be a positive int, got {axis_size!r}."
+            )
+        self.module = module
+        self.in_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+        self.out_axes = out_axes
+        self.axis_size = None if axis_size is None else int(axis_size)
+        self.variable_axes = check_variable_axes(where, variable_axes, self.axis_size)
+        self.split_rngs = check_split_rngs(where, split_rngs)
+        self.axis_name = axis_name
+
+    def copies(self, collection: str) -> int | None:
+        return stacked_copies(self.variable_axes, self.axis_size, collection)
+
+    def isolates(self) -> bool:
+        return bool(self.variable_axes)
+
+    def extra_repr(self) -> str:
+        axes = f", variable_axes={self.variable_axes}" if self.variable_axes else ""
+        return f"axis_size={self.axis_size}, in_axes={self.in_axes}, out_axes={self.out_axes}{axes}"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the module on each member's slice of ``args`` (``kwargs`` go to all unmapped)."""
+        owner, parent = running(self, "mx.vmap")
+        plan = plan_of(self)
+        region = Region(owner, parent, "mx.vmap", plan.owned, self.split_rngs)
+        stacked = set(plan.stacked)
+        size = self.axis_size or _mapped_size(self, args)
+
+        def body(own: dict[int, Any], index: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            with region.body(own, index) as child:
+                out = self.module(*args, **kwargs)
+            mapped = {s: child.values[s] for s in child.written if s in stacked}
+            shared = {s: child.values[s] for s in child.written if s not in stacked}
+            return out, mapped, shared, child.captured
+
+        mapped_fn = jax.vmap(
+            body,
+            in_axes=(0, 0, self.in_axes),
+            out_axes=(self.out_axes, 0, None, 0),
+            axis_size=size,
+            axis_name=self.axis_name,
+        )
+        own = {s: parent.values[s] for s in plan.stacked}
+        try:
+            out, mapped, shared, captured = mapped_fn(own, jnp.arange(size, dtype=np.uint32), args)
+        except ValueError as e:
+            if "out_axes" not in str(e) or not region.written:
+                raise
+            paths = [path_str(parent.variables[s].path) for s in region.written]
+            raise errors.TransformBoundaryError(
+                f"{module_label(self)}: mx.vmap's members assign State they share ({paths}) "
+                f"with values that differ per member, which one shared array cannot hold. Keep "
+                f"a copy per member (variable_axes={{'<collection>': 0}} with axis_size), or "
+                f"make the update the same for all (axis_name=... and jax.lax.pmean)."
+            ) from e
+        region.finish({**shared, **mapped}, captured)
+        return out
+
+
+def _mapped_size(wrapper: Vmap, args: tuple[Any, ...]) -> int:
+    """The size of the mapped axis, read from the arguments ``in_axes`` maps."""
+    sizes: set[int] = set()
+
+    def visit(axis: Any, sub: Any) -> None:
+        if axis is not None:
+            sizes.update(int(np.shape(leaf)[axis]) for leaf in jax.tree.leaves(sub))
+
+    jax.tree.map(visit, wrapper.in_axes, args, is_leaf=lambda x: x is None)
+    if len(sizes) != 1:
+        raise errors.InputShapeError(
+            f"{module_label(wrapper)}: mx.vmap maps the arguments that in_axes="
+            f"{wrapper.in_axes} selects, and their mapped axes have sizes "
+            f"{sorted(sizes) or 'none (nothing is mapped)'}. Map at least one argument, all of "
+            f"the same size, or pass axis_size=..."
+        )
+    return sizes.pop()
+
+
+def vmap(
+    module: Module,
+    in_axes: int | None | Sequence[Any] = 0,
+    out_axes: Any = 0,
+    variable_axes: dict[str, int | None] | None = None,
+    split_rngs: bool | Sequence[str] = True,
+    axis_size: int | None = None,
+    axis_name: str | None = None,
+) -> Vmap:
+    """A module whose call maps ``module`` over an axis of its arguments (``jax.vmap``).
+
+    Assign the result in ``__init__``; the wrapped module's variables keep their paths (the
+    wrapper adds no path part).
+
+    - ``variable_axes`` picks the collections kept once per member, stacked on a leading axis
+      of size ``axis_size`` (an ensemble: ``{"params": 0}``); the other collections are
+      shared by all members. Each member's copy is initialized with the key of its unrolled
+      path (``members/3/kernel``). For an ensemble of whole models, ``jax.vmap(init_fn)`` over
+      keys works as well, outside the model.
+    - Shared mutable State may be assigned only with the same value for every member;
+      stacked State is updated per member.
+    - Random streams in ``split_rngs`` (all by default) differ per member.
+    - ``mx.sow`` inside records one value per member, stacked.
+
+    Args:
+        module: the module to map.
+        in_axes: as in ``jax.vmap``, for the positional arguments; keyword arguments are
+            passed to every member unmapped.
+        out_axes: as in ``jax.vmap``.
+        variable_axes: ``{collection: 0}`` for the collections kept per member.
+        split_rngs: ``True`` (every stream), ``False`` (none) or the stream names to split.
+        axis_size: the number of members; required when ``variable_axes`` stacks a
+            collection, else read from the mapped arguments.
+        axis_name: a name for the mapped axis, for collectives (``jax.lax.pmean``) inside,
+            e.g. ``BatchNorm(axis_name=...)``.
+
+    Returns:
+        The wrapping module.
+
+    Raises:
+        LayerConfigError: for an invalid configuration.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class Ensemble(mx.Module):
+        ...     def __init__(self):
+        ...         self.members = mx.vmap(
+        ...             mx.Dense(3, 2), in_axes=None, variable_axes={"params": 0}, axis_size=5
+        ...         )
+        ...     def __call__(self, x):
+        ...         return self.members(x)          # (5, batch, 2): one output per member
+        >>> init_fn, apply_fn = mx.transform(Ensemble())
+        >>> variables = init_fn(jax.random.key(0))
+        >>> variables["params"]["members"]["kernel"].shape
+        (5, 3, 2)
+        >>> y, _ = apply_fn(variables, None, jnp.ones((4, 3)))
+        >>> y.shape
+        (5, 4, 2)
+    """
+    return Vmap(module, in_axes, out_axes, variable_axes, split_rngs, axis_size, axis_name)
