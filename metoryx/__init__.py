@@ -18,7 +18,7 @@ from metoryx._core.module import Module, module_label
 from metoryx._core.rng import PRNGKeys, next_rng_key
 from metoryx._core.transform import Transformed, apply, init, transform
 from metoryx._core.variables import Parameter, State, Variable
-from metoryx.capture import capture, sow
+from metoryx.intermediates import capture, sow
 from metoryx.lift.branch import cond, switch
 from metoryx.lift.checkpoint import checkpoint
 from metoryx.lift.scan import Repeat, scan

@@ -13,7 +13,7 @@ be applied inside another model's method (each snapshot finds its own frame).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -129,9 +129,13 @@ class Frame:
         self.capture = capture  # what mx.capture records, or None
         self.captured: dict[str, list[Any]] = {}
 
-    def check_trace(self, what: str) -> None:
-        """Refuse ``what`` when JAX is tracing a transformation started inside module code."""
+    def check_trace(self, what: str | Callable[[], str]) -> None:
+        """Refuse ``what`` when JAX is tracing a transformation started inside module code.
+
+        ``what`` may be a function, called only to write the error message.
+        """
         if trace_state() != self.trace:
+            what = what if isinstance(what, str) else what()
             raise errors.TransformBoundaryError(
                 f"{what} inside a JAX transformation (jax.vmap, jax.lax.scan, jax.lax.cond, "
                 f"jax.checkpoint, ...) that started inside the model's code. The value would "

@@ -170,7 +170,9 @@ def next_rng_key(stream: str | None = None) -> jax.Array:
             f"while a transformed model runs; outside, use jax.random directly."
         )
     frame = found[1]
-    frame.check_trace(f"mx.next_rng_key({name!r}) is called")
+    frame.check_trace(
+        lambda: f"mx.next_rng_key({name!r}) is called by {calling_module_label() or 'code'}"
+    )
     base = stream_base(frame, name)
     count = frame.counters.get(name, 0)
     frame.counters[name] = count + 1

@@ -170,7 +170,7 @@ class _Snapshot:
         kwargs: dict[str, Any],
         capture: Any = None,
     ) -> tuple[Any, Any, dict[str, list[Any]]]:
-        """``apply`` that also returns what ``capture`` (see ``metoryx.capture``) recorded."""
+        """``apply`` that also returns what ``capture`` (see ``metoryx.intermediates``) recorded."""
         leaves, treedef = jax.tree_util.tree_flatten(variables)
         foreign = treedef != self.treedef  # e.g. an OrderedDict, or paths that differ
         if foreign:

@@ -25,8 +25,11 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
 
     Inside a model's method the branches may be sub-modules (``self.a``) or functions that
     use them. A State that any branch assigns is assigned by all (the others pass its value
-    through); keys drawn inside are those the taken branch would draw unlifted. Values sown
-    inside are recorded only if every branch sows the same names with the same shapes.
+    through); keys drawn inside are those the taken branch would draw unlifted. Afterwards
+    each stream continues after the most keys any branch draws (the counters are fixed when
+    the program is traced, before the branch is known), so code after a branch that drew
+    fewer keys gets other keys than it would unlifted: still distinct and reproducible. Values
+    sown inside are recorded only if every branch sows the same names with the same shapes.
     Outside ``apply_fn`` it is ``lax.switch``.
 
     Args:
@@ -74,12 +77,13 @@ def switch(index: Any, branches: Sequence[Callable[..., Any]], *operands: Any) -
 
     shapes = [jax.eval_shape(lifted(b, None), *operands) for b in branches]
     writes = sorted({s for _, written, _ in shapes for s in written})
-    sown = [jax.tree.structure(captured) for _, _, captured in shapes]
+    sown = [_signature(captured) for _, _, captured in shapes]
     if any(s != sown[0] for s in sown):
         raise errors.TransformBoundaryError(
-            f"mx.switch/mx.cond: the branches sow different values ({_sown_keys(shapes)}); "
-            f"every branch must return the same outputs, and a value sown in one branch only "
-            f"has none in the others. Sow the same names in every branch, or outside."
+            f"mx.switch/mx.cond: the branches record different values ({_sown_keys(shapes)}); "
+            f"every branch must return the same outputs, so a value sown (or a module output "
+            f"captured) in one branch must be recorded, with the same shape and dtype, in "
+            f"all. Sow the same names in every branch, or record outside the branches."
         )
     out, written, captured = lax.switch(index, [lifted(b, writes) for b in branches], *operands)
     region.finish(written, captured)
@@ -118,6 +122,12 @@ def cond(
     """
     index = lax.convert_element_type(pred, np.int32)
     return switch(index, [false_fn, true_fn], *operands)
+
+
+def _signature(captured: Any) -> Any:
+    """What a branch records, as structure, shapes and dtypes (from ``jax.eval_shape``)."""
+    leaves, treedef = jax.tree.flatten(captured)
+    return treedef, [(leaf.shape, leaf.dtype) for leaf in leaves]
 
 
 def _sown_keys(shapes: list[Any]) -> str:

@@ -76,7 +76,7 @@ class Vmap(Lifted):
         plan = plan_of(self)
         region = Region(owner, parent, "mx.vmap", plan.owned, self.split_rngs)
         stacked = set(plan.stacked)
-        size = self.axis_size or _mapped_size(self, args)
+        size = _mapped_size(self, args)
 
         def body(own: dict[int, Any], index: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
             with region.body(own, index) as child:
@@ -110,22 +110,32 @@ class Vmap(Lifted):
 
 
 def _mapped_size(wrapper: Vmap, args: tuple[Any, ...]) -> int:
-    """The size of the mapped axis, read from the arguments ``in_axes`` maps."""
+    """The size of the mapped axis: ``axis_size``, which the arguments ``in_axes`` maps must
+    have, or theirs."""
     sizes: set[int] = set()
 
     def visit(axis: Any, sub: Any) -> None:
         if axis is not None:
             sizes.update(int(np.shape(leaf)[axis]) for leaf in jax.tree.leaves(sub))
 
-    jax.tree.map(visit, wrapper.in_axes, args, is_leaf=lambda x: x is None)
-    if len(sizes) != 1:
+    try:
+        jax.tree.map(visit, wrapper.in_axes, args, is_leaf=lambda x: x is None)
+    except (ValueError, TypeError, IndexError) as e:
+        raise errors.InputShapeError(
+            f"{module_label(wrapper)}: in_axes={wrapper.in_axes} does not fit the "
+            f"{len(args)} positional arguments given (one int or None for all, or a tuple "
+            f"with one entry per argument, each a valid axis): {e}"
+        ) from None
+    expected = wrapper.axis_size
+    if (expected is not None and sizes - {expected}) or (expected is None and len(sizes) != 1):
+        what = f"axis_size={expected}" if expected is not None else "one size"
         raise errors.InputShapeError(
             f"{module_label(wrapper)}: mx.vmap maps the arguments that in_axes="
-            f"{wrapper.in_axes} selects, and their mapped axes have sizes "
-            f"{sorted(sizes) or 'none (nothing is mapped)'}. Map at least one argument, all of "
-            f"the same size, or pass axis_size=..."
+            f"{wrapper.in_axes} selects, over {what}; their mapped axes have sizes "
+            f"{sorted(sizes) or 'none (nothing is mapped)'}. Map at least one argument, each "
+            f"with that size, or pass axis_size=... (in_axes=None maps none)."
         )
-    return sizes.pop()
+    return expected if expected is not None else sizes.pop()
 
 
 def vmap(

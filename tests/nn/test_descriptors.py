@@ -120,6 +120,27 @@ DESCRIPTORS = [
         lambda **k: mx.StackedRNN(mx.RNN(mx.GRUCell(3, 4, **k)), mx.RNN(mx.GRUCell(4, 4, **k))),
         (2, 4, 3),
     ),
+    Descriptor(
+        "Repeat",
+        lambda **k: mx.Repeat(lambda: mx.Sequential(mx.Dense(3, 3, **k), mx.tanh), 3),
+        (2, 3),
+    ),
+    Descriptor(
+        "Repeat/remat_batchnorm",
+        lambda **k: mx.Repeat(lambda: mx.BatchNorm(3, **k), 2, remat=True),
+        (4, 3),
+        {"is_training": True},
+        per_example=False,
+    ),
+    Descriptor(
+        "vmap/ensemble",
+        lambda **k: mx.vmap(
+            mx.Dense(3, 4, **k), in_axes=None, variable_axes={"params": 0}, axis_size=3
+        ),
+        (2, 3),
+    ),
+    Descriptor("vmap/shared", lambda **k: mx.vmap(mx.LayerNorm(3, **k)), (2, 3)),
+    Descriptor("checkpoint", lambda **k: mx.checkpoint(mx.MLP(3, [5], 2, **k)), (2, 3)),
 ]
 
 IDS = [d.name for d in DESCRIPTORS]

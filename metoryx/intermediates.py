@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from metoryx import errors
 from metoryx._core.context import FRAMES, innermost_frame
-from metoryx._core.module import _BINDING, Module, calling_module
+from metoryx._core.module import _BINDING, Module, calling_module, module_label
 from metoryx._core.transform import _Snapshot
 
 
@@ -76,12 +76,14 @@ def sow(name: str, value: Any) -> Any:
     key = "/".join((*path, name))
     if key in frame.capture.outputs:
         raise errors.LayerConfigError(
-            f"mx.sow({name!r}) in {module.__class__.__name__} gives the key {key!r}, which is "
+            f"mx.sow({name!r}) in {module_label(module)} gives the key {key!r}, which is "
             f"also the path of a sub-module whose output mx.capture records. Rename the sown "
             f"value."
         )
     if any(fnmatch.fnmatchcase(key, pattern) for pattern in frame.capture.sown):
-        frame.check_trace(f"mx.sow({name!r}) records a value")
+        frame.check_trace(
+            f"mx.sow({name!r}) is called by {module_label(module) if module else 'code'}"
+        )
         frame.captured.setdefault(key, []).append(value)
     return value
 
@@ -165,7 +167,7 @@ def _record_outputs(module: Module, key: str) -> None:
     cls = type(module)
     if getattr(cls, "_mx_records_outputs", False):
         return
-    module.__class__ = _recording_class(cls)
+    object.__setattr__(module, "__class__", _recording_class(cls))  # a bound view refuses setattr
 
 
 @functools.cache
