@@ -174,6 +174,16 @@ class _Layout:
 
     def __init__(self, model: Module):
         tree = walk(model)  # validates the structure (no cycles, reachable variables)
+        if tree.axes:
+            stacked = ", ".join(path_str(p) for p in list(tree.axes)[:4])
+            more = ", ..." if len(tree.axes) > 4 else ""
+            raise errors.LayerConfigError(
+                f"The model stores stacked variables ({stacked}{more}: "
+                f"one copy per layer of an mx.Repeat, mx.scan or mx.vmap), which PyTorch keeps "
+                f"as separate layers. Convert with the unrolled model (the same attributes with "
+                f"a list of layers), then mx.stack(model, variables) into this one; back with "
+                f"mx.unstack."
+            )
         first_path = {id(var): path for path, var in tree.variables}
         self.variables: dict[Path, Variable] = dict(tree.variables)
         by_attribute = dict(_attribute_paths(model, ()))

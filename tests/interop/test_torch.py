@@ -330,3 +330,25 @@ def test_to_state_dict_without_torch_says_how_to_install_it(monkeypatch):
     variables = mx.init(_Small())(jax.random.key(0))
     with pytest.raises(ImportError, match="pip install torch"):
         to_state_dict(_Small(), variables)
+
+
+def test_a_stacked_model_loads_through_its_unrolled_twin_and_mx_stack():
+    class Stacked(mx.Module):
+        def __init__(self):
+            self.blocks = mx.Repeat(lambda: mx.Dense(3, 3), 2)
+
+    class Unrolled(mx.Module):
+        def __init__(self):
+            self.blocks = [mx.Dense(3, 3) for _ in range(2)]
+
+    state_dict = {
+        f"blocks.{i}.{name}": np.full(shape, float(i), np.float32)
+        for i in range(2)
+        for name, shape in (("weight", (3, 3)), ("bias", (3,)))
+    }
+    with pytest.raises(mx.errors.LayerConfigError, match=r"params/blocks/kernel.*mx\.stack"):
+        load_state_dict(Stacked(), state_dict)
+    variables = mx.stack(Stacked(), load_state_dict(Unrolled(), state_dict))
+    np.testing.assert_array_equal(variables["params"]["blocks"]["bias"], [[0.0] * 3, [1.0] * 3])
+    back = to_state_dict(Unrolled(), mx.unstack(Stacked(), variables))
+    np.testing.assert_array_equal(back["blocks.1.weight"].numpy(), state_dict["blocks.1.weight"])
