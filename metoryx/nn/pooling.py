@@ -273,10 +273,11 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Arr
 
     The windows are fixed by the shapes, so the work is planned once, at trace time: axes that
     ``m`` divides are pooled with equal windows in one ``lax.reduce_window`` sum (the program
-    of :func:`metoryx.avg_pool` when every axis divides), and each other axis is summed by
-    a contraction with a constant ``(m, n)`` matrix of zeros and ones (exact at the
-    highest matmul precision); one division by the window sizes ends it. No step of the
-    program is per output cell.
+    of :func:`metoryx.avg_pool` when every axis divides), and each other axis is summed one
+    output index at a time, a slice and a sum each (for ``m`` above 32, by one contraction
+    with a constant ``(m, n)`` matrix of zeros and ones instead, exact at the highest matmul
+    precision); one division by the window sizes ends it. No step of the program is per
+    output cell: the axes are pooled one after the other.
 
     Args:
         x: input of shape ``(*batch, *spatial, channels)`` with ``len(output_size)`` spatial
@@ -331,18 +332,31 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Arr
             continue
         start = np.arange(m) * n // m
         end = -(-np.arange(1, m + 1) * n // m)
-        member = (np.arange(n) >= start[:, None]) & (np.arange(n) < end[:, None])
-        summed = lax.dot_general(
-            x,
-            np.asarray(member, x.dtype),
-            (((first + axis,), (1,)), ((), ())),
-            precision=lax.Precision.HIGHEST,
-        )
-        x = jnp.moveaxis(summed, -1, first + axis)
+        if m <= MAX_SLICED_WINDOWS:  # a slice and a sum per output index: the fastest on CPU
+            sums = [
+                lax.slice_in_dim(x, a, b, axis=first + axis).sum(first + axis, keepdims=True)
+                for a, b in zip(start.tolist(), end.tolist(), strict=True)
+            ]
+            x = lax.concatenate(sums, first + axis)
+        else:  # one contraction, so that the program does not grow with m
+            member = (np.arange(n) >= start[:, None]) & (np.arange(n) < end[:, None])
+            summed = lax.dot_general(
+                x,
+                np.asarray(member, x.dtype),
+                (((first + axis,), (1,)), ((), ())),
+                precision=lax.Precision.HIGHEST,
+            )
+            x = jnp.moveaxis(summed, -1, first + axis)
         counts = np.multiply.outer(counts, end - start)
     if counts.min() == counts.max():
         return x if counts.max() == 1 else x / int(counts.max())
     return x / counts.reshape((1,) * first + counts.shape + (1,)).astype(x.dtype)
+
+
+# Above this output size along an axis that it does not divide, adaptive_avg_pool sums with
+# one contraction instead of a slice per output index (on CPU the slices are ~2x faster forward
+# and backward at 32 -> 5, but each adds equations to the program).
+MAX_SLICED_WINDOWS = 32
 
 
 def _spatial_shape(

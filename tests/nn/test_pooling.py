@@ -266,14 +266,18 @@ def test_adaptive_avg_pool_program(jitted_equations):
     assert jitted_equations(lambda x: adaptive_avg_pool(x, (3, 5)), X) == jitted_equations(
         lambda x: mx.avg_pool(x, (2, 1)), X
     )
-    # Otherwise one contraction per overlapping axis, whatever the output size: no step per
-    # output cell.
+    # Otherwise each overlapping axis is pooled on its own: a slice and a sum per output index
+    # along it, never a step per output cell; above MAX_SLICED_WINDOWS, one contraction.
     long = jnp.ones((2, 97, 3))
     small = _primitives(lambda x: adaptive_avg_pool(x, 3), long)
+    assert small.count("slice") == 3 and small.count("reduce_sum") == 3
+    assert "dot_general" not in small
     large = _primitives(lambda x: adaptive_avg_pool(x, 40), long)
-    assert small == large and small.count("dot_general") == 1
+    assert large.count("dot_general") == 1 and "slice" not in large
+    grid = _primitives(lambda x: adaptive_avg_pool(x, (5, 5)), jnp.ones((2, 32, 32, 3)))
+    assert grid.count("slice") == 10  # 5 + 5, not 5 x 5
     mixed = _primitives(lambda x: adaptive_avg_pool(x, (3, 4)), jnp.ones((2, 6, 7, 3)))
-    assert mixed.count("reduce_window_sum") == 1 and mixed.count("dot_general") == 1
+    assert mixed.count("reduce_window_sum") == 1 and mixed.count("slice") == 4
 
 
 def _reference_adaptive_2d(x, output_size, cotangent):
