@@ -332,23 +332,34 @@ def test_to_state_dict_without_torch_says_how_to_install_it(monkeypatch):
         to_state_dict(_Small(), variables)
 
 
+class _StackedDense(mx.Module):
+    def __init__(self):
+        self.blocks = mx.Repeat(lambda: mx.Dense(3, 3), 2)
+
+
+class _UnrolledDense(mx.Module):
+    def __init__(self):
+        self.blocks = [mx.Dense(3, 3) for _ in range(2)]
+
+
+_UNROLLED_STATE = {
+    f"blocks.{i}.{name}": np.full(shape, float(i), np.float32)
+    for i in range(2)
+    for name, shape in (("weight", (3, 3)), ("bias", (3,)))
+}
+
+
 def test_a_stacked_model_loads_through_its_unrolled_twin_and_mx_stack():
-    class Stacked(mx.Module):
-        def __init__(self):
-            self.blocks = mx.Repeat(lambda: mx.Dense(3, 3), 2)
-
-    class Unrolled(mx.Module):
-        def __init__(self):
-            self.blocks = [mx.Dense(3, 3) for _ in range(2)]
-
-    state_dict = {
-        f"blocks.{i}.{name}": np.full(shape, float(i), np.float32)
-        for i in range(2)
-        for name, shape in (("weight", (3, 3)), ("bias", (3,)))
-    }
     with pytest.raises(mx.errors.LayerConfigError, match=r"params/blocks/kernel.*mx\.stack"):
-        load_state_dict(Stacked(), state_dict)
-    variables = mx.stack(Stacked(), load_state_dict(Unrolled(), state_dict))
+        load_state_dict(_StackedDense(), _UNROLLED_STATE)
+    variables = mx.stack(_StackedDense(), load_state_dict(_UnrolledDense(), _UNROLLED_STATE))
     np.testing.assert_array_equal(variables["params"]["blocks"]["bias"], [[0.0] * 3, [1.0] * 3])
-    back = to_state_dict(Unrolled(), mx.unstack(Stacked(), variables))
-    np.testing.assert_array_equal(back["blocks.1.weight"].numpy(), state_dict["blocks.1.weight"])
+
+
+def test_a_stacked_model_saves_through_mx_unstack_and_its_unrolled_twin(torch):
+    variables = mx.stack(_StackedDense(), load_state_dict(_UnrolledDense(), _UNROLLED_STATE))
+    back = to_state_dict(_UnrolledDense(), mx.unstack(_StackedDense(), variables))
+    assert isinstance(back["blocks.1.weight"], torch.Tensor)
+    np.testing.assert_array_equal(
+        back["blocks.1.weight"].numpy(), _UNROLLED_STATE["blocks.1.weight"]
+    )
