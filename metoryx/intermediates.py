@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from metoryx import errors
-from metoryx._core.context import FRAMES, innermost_frame
-from metoryx._core.module import _BINDING, Module, calling_module, module_label
+from metoryx._core.context import innermost_frame
+from metoryx._core.module import Module, calling_module, module_label, running_frame
 from metoryx._core.transform import _Snapshot
 
 
@@ -70,9 +70,9 @@ def sow(name: str, value: Any) -> Any:
     frame = found[1]
     module = calling_module()
     path: tuple[str, ...] = ()
-    if module is not None:
-        binding = module.__dict__[_BINDING]
-        path, frame = binding.path, FRAMES.get().get(binding.owner, frame)
+    running = None if module is None else running_frame(module)
+    if running is not None:
+        path, frame = running[0].path, running[1]
     key = "/".join((*path, name))
     if key in frame.capture.outputs:
         raise errors.LayerConfigError(
@@ -176,9 +176,9 @@ def _recording_class(cls: type) -> type:
 
     def __call__(self: Module, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
         out = original(self, *args, **kwargs)
-        binding = self.__dict__[_BINDING]
-        frame = FRAMES.get().get(binding.owner)
-        if frame is not None and frame.capture is not None:
+        found = running_frame(self)
+        if found is not None and found[1].capture is not None:
+            binding, frame = found
             key = "/".join(binding.path)
             if key in frame.capture.outputs:
                 frame.check_trace(f"mx.capture records the output of {key!r}")

@@ -30,7 +30,7 @@ import numpy as np
 
 from metoryx import errors
 from metoryx._core.context import FRAMES, Frame
-from metoryx._core.module import _BINDING, Module, module_label
+from metoryx._core.module import _BINDING, Module, module_label, running_frame
 from metoryx._core.paths import Path, path_str
 
 ALL = "all"  # variable_axes meaning: every collection is stacked
@@ -114,14 +114,13 @@ class Plan(NamedTuple):
 
 def running(module: Module, transform: str) -> tuple[object, Frame]:
     """The snapshot owner and the current frame of a bound module inside ``apply_fn``."""
-    binding = module.__dict__.get(_BINDING)
-    frame = None if binding is None else FRAMES.get().get(binding.owner)
-    if binding is None or frame is None:
+    found = running_frame(module)
+    if found is None:
         raise errors.ApplyContextError(
             f"{transform} ({module_label(module)}) was called outside apply_fn. It runs inside "
             f"a transformed model: mx.transform(model), then apply_fn(variables, rngs, ...)."
         )
-    return binding.owner, frame
+    return found[0].owner, found[1]
 
 
 def plan_of(wrapper: Lifted) -> Plan:

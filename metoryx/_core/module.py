@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from metoryx import errors
-from metoryx._core.context import FRAMES, Slot
+from metoryx._core.context import FRAMES, Frame, Slot
 from metoryx._core.paths import Path, key_str, path_str
 from metoryx._core.variables import Variable
 
@@ -149,6 +149,14 @@ def module_label(module: Module) -> str:
     if not binding.path:
         return f"{name} (root)"
     return f"{name} at {path_str(binding.path)!r}"
+
+
+def running_frame(module: Module) -> tuple[Binding, Frame] | None:
+    """The binding of a snapshot module and its snapshot's current frame; None when the module
+    is not part of a running ``apply_fn``."""
+    binding = module.__dict__.get(_BINDING)
+    frame = None if binding is None else FRAMES.get().get(binding.owner)
+    return None if frame is None else (binding, frame)
 
 
 def calling_module() -> Module | None:

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from metoryx import errors
-from metoryx._core.context import FRAMES, Frame, Slot
-from metoryx._core.module import _BINDING, Module, module_label
+from metoryx._core.context import Frame, Slot
+from metoryx._core.module import Module, module_label, running_frame
 from metoryx._core.paths import path_str
 
 
@@ -66,14 +66,14 @@ def overridden(module: Module, **values: Any) -> Iterator[None]:
         >>> new_variables is variables
         True
     """
-    binding = module.__dict__.get(_BINDING)
-    frame = None if binding is None else FRAMES.get().get(binding.owner)
-    if binding is None or frame is None:
+    found = running_frame(module)
+    if found is None:
         raise errors.ApplyContextError(
             f"overridden({module_label(module)}, {', '.join(values)}) was used outside "
             f"apply_fn. Variables become arrays only while a transformed model runs: use "
             f"overridden(self.layer, ...) inside a method of the model that apply_fn runs."
         )
+    binding, frame = found
     slots = [
         (_slot(module, binding.templates, frame, name, value), value)
         for name, value in values.items()

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import assert_trees_equal  # tests/lift/trees.py
 
 import metoryx as mx
 from metoryx import errors
@@ -11,15 +12,6 @@ from metoryx._core.rng import fold_in_path
 
 D = 4
 X = jnp.linspace(-1.0, 1.0, 3 * D).reshape(3, D)
-
-
-def assert_trees_equal(a, b, exact=True):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if exact:
-            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        else:
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 class Block(mx.Module):

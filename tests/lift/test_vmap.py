@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trees import assert_trees_equal  # tests/lift/trees.py
 
 import metoryx as mx
 from metoryx import errors
@@ -14,15 +15,6 @@ D = 3  # features
 N = 3  # members
 X = jnp.linspace(-1.0, 1.0, 2 * D).reshape(2, D)  # a batch of 2, the same for every member
 XM = jnp.sin(jnp.arange(N * 2 * D, dtype=jnp.float32)).reshape(N, 2, D)  # one batch per member
-
-
-def assert_trees_equal(a, b, exact=True):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if exact:
-            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
-        else:
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
 class Member(mx.Module):
