@@ -3,8 +3,9 @@
 Drawing each variable with its own call puts one random program per variable into
 ``jax.jit(init_fn)``: XLA then compiles a 100-layer model ~10x slower than a 3-layer one.
 Variables that share an initializer (by ``==``), a shape and a dtype are therefore drawn
-together: one ``jax.vmap`` of the initializer over their stacked path-derived keys, split with
-``jnp.unstack``. The bits are those of the one-by-one draws (``fold_in`` and JAX's samplers
+together: one ``jax.vmap`` of the initializer over their stacked path-derived keys, split
+into the variables by slices, or under a trace by gathers that XLA compiles as one kernel for
+the whole group (``_split``). The bits are those of the one-by-one draws (``fold_in`` and JAX's samplers
 give the same values batched), so grouping is invisible in ``variables``.
 
 Only initializers that declare ``vectorizable = True`` (see ``metoryx.initializers``) are
@@ -93,19 +94,15 @@ class InitPlan:
                     arrays[i] = init_one(key, self.variables[i])
                 continue
             runs = _runs(step.slots)
-            if len(runs) == len(step.slots) and not any(self.variables[i].axes for i in step.slots):
-                split = jnp.unstack(drawn)  # one equation for the whole group
-            else:
-                split = lax.split(drawn, [count for _, count in runs])
-            for (i, _), part in zip(runs, split, strict=True):
+            for (i, _), part in zip(runs, _split(drawn, runs), strict=True):
                 if self.variables[i].axes:
                     pieces.setdefault(i, []).append(part)
                 else:
                     arrays[i] = part.reshape(self.variables[i].shape)
         for i, parts in pieces.items():
             if arrays[i] is None:
-                stacked = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
-                arrays[i] = stacked.reshape(self.variables[i].shape)
+                flat = parts[0] if len(parts) == 1 else jnp.concatenate([p.ravel() for p in parts])
+                arrays[i] = flat.reshape(self.variables[i].shape)
         return arrays
 
 
@@ -118,6 +115,51 @@ def _runs(slots: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((i, 1))
     return runs
+
+
+def _split(drawn: jax.Array, runs: list[tuple[int, int]]) -> list[jax.Array]:
+    """The draws of each run of a group, ``runs[j][1]`` of them per part, in order; a part
+    holds its draws in row-major order, in whatever shape, for the caller to reshape.
+
+    Eagerly, slices: dispatched, nothing is compiled. Traced, a gather of constant rows per
+    part: XLA:CPU compiles each fusion as its own kernel (~13 ms each), and a slice's start is
+    a scalar constant fused into its kernel, so 100 slices are 100 kernels to compile (1.4 s,
+    twice a 3-layer model's whole init). A gather's index array is a constant buffer that stays
+    an operand, so the gathers of a group are one kernel, compiled once; at run time they copy
+    the same contiguous rows a slice would. A draw is gathered as the rows of its first axis, or,
+    for one-dimensional draws, as ``k`` rows of ``m / k`` of its ``m`` elements, ``k`` the
+    smallest factor of ``m`` above 1, so that no index array is a lone scalar (XLA folds those
+    into the kernel, as it does slice starts).
+    """
+    counts = [count for _, count in runs]
+    size = math.prod(drawn.shape[1:])
+    if not isinstance(drawn, jax.core.Tracer) or size < 2:
+        return jnp.unstack(drawn) if max(counts) == 1 else lax.split(drawn, counts)
+    shape = drawn.shape[1:]
+    if len(shape) >= 2 and shape[0] >= 2:  # rows of the draws' own first axis: no reshape
+        k, rows = shape[0], drawn.reshape(len(drawn) * shape[0], *shape[1:])
+    else:
+        k = next((f for f in range(2, math.isqrt(size) + 1) if size % f == 0), size)
+        rows = drawn.reshape(len(drawn) * k, size // k)
+    numbers = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(1, rows.ndim)), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    parts, start = [], 0
+    for count in counts:
+        index = np.arange(start * k, (start + count) * k, dtype=np.int32)[:, None]
+        parts.append(
+            lax.gather(
+                rows,
+                index,
+                numbers,
+                (1, *rows.shape[1:]),
+                indices_are_sorted=True,
+                unique_indices=True,
+                mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+            )
+        )
+        start += count
+    return parts
 
 
 def _draw_group(key: jax.Array, group: Group) -> jax.Array | None:

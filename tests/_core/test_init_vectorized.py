@@ -1,5 +1,7 @@
 """Variables that share an initializer, shape and dtype are drawn together, with the same bits."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,8 +118,9 @@ def test_the_model_default_mlp_draws_its_kernels_once_and_its_biases_alone():
     jaxpr = jax.make_jaxpr(mx.transform(model).init)(jax.random.key(0))
     deeper = jax.make_jaxpr(mx.transform(MLP(40)).init)(jax.random.key(0))
     # One sampler for all kernels: 30 more layers add only a bias fill each (and its key, two
-    # fold_ins that XLA drops as unused), not a sampler each.
-    assert len(deeper.eqns) - len(jaxpr.eqns) == 3 * 30
+    # fold_ins that XLA drops as unused) and the gather that takes its kernel out of the
+    # stacked draw, not a sampler each.
+    assert len(deeper.eqns) - len(jaxpr.eqns) == 4 * 30
     assert_same_bits(
         mx.transform(model).init(jax.random.key(1)), one_by_one(model, jax.random.key(1))
     )
@@ -193,3 +196,43 @@ def test_large_groups_are_drawn_in_bounded_calls(monkeypatch):
     assert [len(g.slots) for g in groups(model)] == [2, 2]
     init_fn, _ = mx.transform(model)
     assert_same_bits(init_fn(jax.random.key(0)), one_by_one(model, jax.random.key(0)))
+    jitted = jax.jit(lambda k: one_by_one(model, k))(jax.random.key(0))
+    assert_same_bits(jax.jit(init_fn)(jax.random.key(0)), jitted)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (6,), (7,), (1, 5), (3, 1, 2), (0, 4)])
+def test_grouped_draws_of_any_shape_are_split_exactly_under_jit(shape):
+    # Traced, each draw is gathered out of the stack by rows: of its first axis, or of a factor
+    # of its size; one-element and empty draws are sliced.
+    model = Bank(initializers.uniform(-1.0, 1.0), shape, jnp.float32)
+    model.alike.append(mx.Parameter(initializers.uniform(-1.0, 1.0), shape))
+    init_fn, _ = mx.transform(model)
+    jitted = jax.jit(lambda k: one_by_one(model, k))(jax.random.key(4))
+    assert_same_bits(jax.jit(init_fn)(jax.random.key(4)), jitted)
+
+
+def kernels(compiled_text):
+    """The distinct bodies of the fused computations of an optimized HLO module: each is one
+    kernel for XLA:CPU to compile, however many fusions call it."""
+    bodies = set()
+    for block in compiled_text.split("\n\n"):
+        if block.startswith("%fused_computation") or block.startswith("%wrapped_"):
+            body = re.sub(r"%[\w.-]+", "%", block.split("{", 1)[1])
+            bodies.add(re.sub(r", metadata=\{[^}]*\}", "", body))
+    return bodies
+
+
+def test_jitted_init_compiles_as_many_kernels_for_40_layers_as_for_4():
+    # What keeps jax.jit(init_fn) of a deep model quick to compile: the per-layer work (the
+    # gathers that split the stacked draw, the bias fills) is one kernel body for all layers.
+    class MLP(mx.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.layers = [mx.Dense(16, 16) for _ in range(n)]
+
+    def compiled(n):
+        init_fn = mx.transform(MLP(n)).init
+        return jax.jit(init_fn).lower(jax.random.key(0)).compile().as_text()
+
+    # The bodies differ only in the stack's length (4 or 40): their number is what counts.
+    assert 0 < len(kernels(compiled(40))) == len(kernels(compiled(4)))
