@@ -5,8 +5,8 @@ Drawing each variable with its own call puts one random program per variable int
 Variables that share an initializer (by ``==``), a shape and a dtype are therefore drawn
 together: one ``jax.vmap`` of the initializer over their stacked path-derived keys, split
 into the variables by slices, or under a trace by gathers that XLA compiles as one kernel for
-the whole group (``_split``). The bits are those of the one-by-one draws (``fold_in`` and JAX's samplers
-give the same values batched), so grouping is invisible in ``variables``.
+the whole group (``_split``). The bits are those of the one-by-one draws (``fold_in`` and
+JAX's samplers give the same values batched), so grouping is invisible in ``variables``.
 
 Only initializers that declare ``vectorizable = True`` (see ``metoryx.initializers``) are
 grouped: vmap calls a function once, with tracers, so one with Python side effects, one that
@@ -121,21 +121,17 @@ def _split(drawn: jax.Array, runs: list[tuple[int, int]]) -> list[jax.Array]:
     """The draws of each run of a group, ``runs[j][1]`` of them per part, in order; a part
     holds its draws in row-major order, in whatever shape, for the caller to reshape.
 
-    Eagerly, slices: dispatched, nothing is compiled. Traced, a gather of constant rows per
-    part: XLA:CPU compiles each fusion as its own kernel (~13 ms each), and a slice's start is
-    a scalar constant fused into its kernel, so 100 slices are 100 kernels to compile (1.4 s,
-    twice a 3-layer model's whole init). A gather's index array is a constant buffer that stays
-    an operand, so the gathers of a group are one kernel, compiled once; at run time they copy
-    the same contiguous rows a slice would. A draw is gathered as the rows of its first axis, or,
-    for one-dimensional draws, as ``k`` rows of ``m / k`` of its ``m`` elements, ``k`` the
-    smallest factor of ``m`` above 1, so that no index array is a lone scalar (XLA folds those
-    into the kernel, as it does slice starts).
+    Eagerly, slices. Traced, a gather of constant rows per part, which XLA compiles as one
+    kernel for the whole group where slices are a kernel each (why: ``_core/README.md``). A
+    draw's rows are those of its first axis, or for one-dimensional draws ``k`` rows of its
+    ``m`` elements, ``k`` the smallest factor of ``m`` above 1: no index array is a lone scalar,
+    which XLA would fold into the kernel as it does a slice's start.
     """
     counts = [count for _, count in runs]
-    size = math.prod(drawn.shape[1:])
+    shape = drawn.shape[1:]
+    size = math.prod(shape)
     if not isinstance(drawn, jax.core.Tracer) or size < 2:
         return jnp.unstack(drawn) if max(counts) == 1 else lax.split(drawn, counts)
-    shape = drawn.shape[1:]
     if len(shape) >= 2 and shape[0] >= 2:  # rows of the draws' own first axis: no reshape
         k, rows = shape[0], drawn.reshape(len(drawn) * shape[0], *shape[1:])
     else:
