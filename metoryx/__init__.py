@@ -12,7 +12,7 @@ Example:
     (1, 2)
 """
 
-from metoryx import errors, initializers, interop
+from metoryx import errors, initializers, interop, layout
 from metoryx._core.assign import assign_variables
 from metoryx._core.module import Module, module_label
 from metoryx._core.rng import PRNGKeys, next_rng_key
@@ -119,6 +119,7 @@ __all__ = [
     "init",
     "initializers",
     "interop",
+    "layout",
     "leaky_relu",
     "log_sigmoid",
     "log_softmax",

@@ -4,7 +4,7 @@ A metoryx model whose attribute names mirror a ``torch.nn.Module``'s reads that 
 ``state_dict()`` with :func:`load_state_dict` and writes one with :func:`to_state_dict`. Each
 layer converts its own entries (``Dense`` transposes ``weight``, ``Conv`` moves the channel
 axes last, ``BatchNorm`` maps ``running_mean`` to its ``mean`` State, ...), as described in
-:mod:`metoryx.interop.layout`. PyTorch is needed only to produce tensors in
+:mod:`metoryx.layout`. PyTorch is needed only to produce tensors in
 :func:`to_state_dict`; it is imported there and nowhere else in metoryx.
 """
 
@@ -21,7 +21,7 @@ from metoryx._core.module import Module, iter_children
 from metoryx._core.paths import Path, flatten_variables, path_str, unflatten_variables
 from metoryx._core.tree import walk
 from metoryx._core.variables import Variable
-from metoryx.interop.layout import TorchConversion, torch_conversions
+from metoryx.layout import TorchConversion, torch_conversions
 
 __all__ = ["load_state_dict", "to_state_dict"]
 

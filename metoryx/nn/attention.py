@@ -31,7 +31,7 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, function_label, module_label
 from metoryx._core.variables import State
 from metoryx.initializers import Initializer
-from metoryx.interop.layout import TorchConversion, metoryx_only, same, transposed
+from metoryx.layout import TorchConversion, metoryx_only, same, transposed
 from metoryx.nn._arguments import check_timescale, positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT, cast, compute_dtype
 from metoryx.nn.dropout import check_rate, dropout

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx.initializers import Initializer
-from metoryx.interop.layout import TorchConversion, torch_conversions
+from metoryx.layout import TorchConversion, torch_conversions
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT
 from metoryx.nn.activations import relu

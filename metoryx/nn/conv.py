@@ -16,7 +16,7 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
-from metoryx.interop.layout import TorchConversion, transposed
+from metoryx.layout import TorchConversion, transposed
 from metoryx.nn._arguments import (
     PaddingLike,
     check_window_fits,

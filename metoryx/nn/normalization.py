@@ -16,7 +16,7 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
-from metoryx.interop.layout import TorchConversion, same, torch_only
+from metoryx.layout import TorchConversion, same, torch_only
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import at_least_float32, cast, compute_dtype
 

@@ -36,7 +36,7 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
-from metoryx.interop.layout import TorchConversion, same, torch_conversions, transposed
+from metoryx.layout import TorchConversion, same, torch_conversions, transposed
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
 from metoryx.nn.dropout import check_rate, dropout

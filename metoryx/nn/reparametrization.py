@@ -37,7 +37,7 @@ from metoryx._core.module import Module
 from metoryx._core.override import overridden
 from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
-from metoryx.interop.layout import TorchConversion, torch_conversions
+from metoryx.layout import TorchConversion, torch_conversions
 from metoryx.nn._arguments import positive_int
 from metoryx.nn._compute import at_least_float32, cast, compute_dtype
 

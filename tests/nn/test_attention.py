@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import metoryx as mx
-from metoryx.interop.layout import torch_conversions
+from metoryx.layout import torch_conversions
 from metoryx.interop.torch import load_state_dict, to_state_dict
 from metoryx.nn.attention import MultiHeadAttention, RotaryEmbedding, dot_product_attention
 

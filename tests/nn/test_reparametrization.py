@@ -8,7 +8,7 @@ import pytest
 import metoryx as mx
 from conftest import FORWARD_TOL, GRAD_TOL
 from metoryx import errors
-from metoryx.interop.layout import TorchConversion
+from metoryx.layout import TorchConversion
 from metoryx.interop.torch import load_state_dict, to_state_dict
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
 

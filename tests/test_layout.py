@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import metoryx as mx
-from metoryx.interop.layout import same, torch_conversions, torch_only, transposed
+from metoryx.layout import same, torch_conversions, torch_only, transposed
 
 
 def _names(module):

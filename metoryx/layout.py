@@ -11,6 +11,20 @@ This is how attention maps PyTorch's fused ``in_proj_weight`` onto three ``Dense
 :func:`torch_conversions` gives the full list for any module, which is what
 :mod:`metoryx.interop.torch` uses, and what a wrapper layer builds on (it renames the entries
 of the layer it wraps).
+
+This vocabulary sits below the layers (``metoryx/nn/``) and the adapters
+(``metoryx/interop/``), which both use it, so that importing a layer does not import an adapter.
+It is public as ``mx.layout``.
+
+Example:
+    >>> import metoryx as mx
+    >>> class Scale(mx.Module):
+    ...     def __init__(self, size):
+    ...         self.gain = mx.Parameter(mx.initializers.ones, (size,))
+    ...     def torch_conversions(self):  # PyTorch calls it "alpha"
+    ...         return [mx.layout.same("alpha", "gain")]
+    >>> [c.torch_keys for c in mx.layout.torch_conversions(Scale(4))]
+    [('alpha',)]
 """
 
 from __future__ import annotations
@@ -51,8 +65,10 @@ class TorchConversion:
 
     Example:
         >>> import numpy as np
-        >>> from metoryx.interop.layout import TorchConversion
-        >>> weight = TorchConversion(("weight",), ("kernel",), lambda w: (w.T,), lambda k: (k.T,))
+        >>> import metoryx as mx
+        >>> weight = mx.layout.TorchConversion(
+        ...     ("weight",), ("kernel",), lambda w: (w.T,), lambda k: (k.T,)
+        ... )
         >>> weight.to_metoryx(np.zeros((4, 3)))[0].shape
         (3, 4)
     """
@@ -66,8 +82,8 @@ class TorchConversion:
         """The same conversion with both kinds of names under a parent's prefixes.
 
         Example:
-            >>> from metoryx.interop.layout import same
-            >>> same("weight", "scale").renamed("norm.", "norm/").torch_keys
+            >>> import metoryx as mx
+            >>> mx.layout.same("weight", "scale").renamed("norm.", "norm/").torch_keys
             ('norm.weight',)
         """
         return dataclasses.replace(
@@ -82,8 +98,8 @@ def same(torch_key: str, variable: str) -> TorchConversion:
 
     Example:
         >>> import numpy as np
-        >>> from metoryx.interop.layout import same
-        >>> same("weight", "scale").to_metoryx(np.ones(3))[0].tolist()
+        >>> import metoryx as mx
+        >>> mx.layout.same("weight", "scale").to_metoryx(np.ones(3))[0].tolist()
         [1.0, 1.0, 1.0]
     """
     return TorchConversion((torch_key,), (variable,), _one, _one)
@@ -94,8 +110,9 @@ def transposed(torch_key: str, variable: str, axes: Sequence[int]) -> TorchConve
 
     Example:
         >>> import numpy as np
-        >>> from metoryx.interop.layout import transposed
-        >>> conv = transposed("weight", "kernel", (2, 3, 1, 0))  # (O, I, H, W) -> (H, W, I, O)
+        >>> import metoryx as mx
+        >>> # PyTorch's (O, I, H, W) -> our (H, W, I, O)
+        >>> conv = mx.layout.transposed("weight", "kernel", (2, 3, 1, 0))
         >>> conv.to_metoryx(np.zeros((8, 3, 5, 5)))[0].shape
         (5, 5, 3, 8)
     """
@@ -114,8 +131,8 @@ def torch_only(torch_key: str, value: Any) -> TorchConversion:
 
     Example:
         >>> import numpy as np
-        >>> from metoryx.interop.layout import torch_only
-        >>> torch_only("num_batches_tracked", np.array(0)).to_torch()
+        >>> import metoryx as mx
+        >>> mx.layout.torch_only("num_batches_tracked", np.array(0)).to_torch()
         (array(0),)
     """
     return TorchConversion((torch_key,), (), lambda _: (), lambda: (np.asarray(value),))
@@ -127,8 +144,8 @@ def metoryx_only(variable: str, value: Any) -> TorchConversion:
 
     Example:
         >>> import numpy as np
-        >>> from metoryx.interop.layout import metoryx_only
-        >>> metoryx_only("cache_index", np.array(0)).to_metoryx()
+        >>> import metoryx as mx
+        >>> mx.layout.metoryx_only("cache_index", np.array(0)).to_metoryx()
         (array(0),)
     """
     return TorchConversion((), (variable,), lambda: (np.asarray(value),), lambda _: ())
@@ -150,8 +167,7 @@ def torch_conversions(module: Module) -> list[TorchConversion]:
 
     Example:
         >>> import metoryx as mx
-        >>> from metoryx.interop.layout import torch_conversions
-        >>> [c.torch_keys for c in torch_conversions(mx.Dense(3, 4))]
+        >>> [c.torch_keys for c in mx.layout.torch_conversions(mx.Dense(3, 4))]
         [('weight',), ('bias',)]
     """
     own_method = getattr(module, "torch_conversions", None)
