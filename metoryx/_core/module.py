@@ -9,11 +9,10 @@ attributes and sub-modules stay in ``__dict__`` and are read at plain attribute 
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 from collections.abc import Iterator
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
@@ -65,6 +64,12 @@ class Module:
     # wrappers (mx.Repeat, mx.vmap, ...) put their template's variables where a user expects
     # them (``blocks/kernel``, not ``blocks/module/kernel``). None for ordinary modules.
     _transparent: ClassVar[str | None] = None
+
+    if TYPE_CHECKING:
+        # For type checkers only: every module may be called, with its own signature, so
+        # wrappers that hold "some Module" (Sequential, Repeat, WeightNorm) type-check their
+        # calls. At run time a module without __call__ stays not callable.
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def __init__(self) -> None:
         """Nothing to set up: a module's state is its attributes."""
@@ -124,8 +129,9 @@ class Module:
         return ""
 
     def __repr__(self) -> str:
-        lines = _repr_lines(self, (), {}, set())
-        return "\n".join([*lines, _count_line(self)])
+        totals = _Totals()
+        lines = _repr_lines(self, (), {}, set(), (), totals)
+        return "\n".join([*lines, totals.line()])
 
 
 def module_label(module: Module) -> str:
@@ -303,12 +309,77 @@ def _hidden(owner: Module, path: Path, container: str) -> errors.ModuleStructure
 
 
 # ---------------------------------------------------------------------------------------------
-# print(model)
+# Lifted wrappers: the one kind of module the tree analysis and print(model) treat specially.
 
 
-def _repr_lines(module: Module, path: Path, seen: dict[int, Path], stack: set[int]) -> list[str]:
+class Lifted(Module):
+    """Base of the wrappers that run one module, ``self.module``, under a JAX transformation.
+
+    The wrapped module sits at the wrapper's own path (``blocks/kernel``, not
+    ``blocks/module/kernel``). A subclass that keeps a copy of the module's variables per layer
+    or member says how many, per collection, with :meth:`copies`; those variables are stacked
+    on a new leading axis. The wrappers themselves are in ``metoryx/lift/``; their machinery in
+    ``lifting.py``.
+    """
+
+    _transparent = "module"
+    module: Module
+
+    def copies(self, collection: str) -> int | None:
+        """How many copies of the variables of ``collection`` are stacked; None: shared."""
+        return None
+
+    def isolates(self) -> bool:
+        """Whether it stacks some variables, so that what it holds cannot be shared outside."""
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# print(model): one walk gives the lines and the totals (tree.walk builds on this module, so
+# the printing keeps its own count rather than importing it).
+
+
+class _Totals:
+    """Elements and bytes per collection, each variable once, its stacked copies included."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        self.is_tree = True
+
+    def add(self, var: Variable, lifts: tuple[Lifted, ...]) -> None:
+        copies = 1
+        for lifted in lifts:
+            size = lifted.copies(var.collection)
+            copies *= 1 if size is None else size
+        entry = self.counts.setdefault(var.collection, [0, 0])
+        size = int(np.prod(var.shape, dtype=np.int64)) * copies
+        entry[0] += size
+        entry[1] += size * var.dtype.itemsize
+
+    def line(self) -> str:
+        if not self.is_tree:  # the lines above show where the cycle is
+            return "No total: the modules do not form a tree."
+        if not self.counts:
+            return "No variables."
+        parts = [
+            f"{n:,} {'parameters' if name == 'params' else name + ' values'} ({_bytes(b)})"
+            for name, (n, b) in self.counts.items()
+        ]
+        return "Total: " + ", ".join(parts)
+
+
+def _repr_lines(
+    module: Module,
+    path: Path,
+    seen: dict[int, Path],
+    stack: set[int],
+    lifts: tuple[Lifted, ...],
+    totals: _Totals,
+) -> list[str]:
     seen[id(module)] = path
     stack.add(id(module))
+    if isinstance(module, Lifted) and module.isolates():
+        lifts = (*lifts, module)
     header = f"{type(module).__name__}("
     extra = module.extra_repr()
     body: list[str] = []
@@ -316,43 +387,22 @@ def _repr_lines(module: Module, path: Path, seen: dict[int, Path], stack: set[in
         child_path = (*path, *rel)
         name = f"({'/'.join(rel)}): " if rel else ""  # a lifted wrapper's template
         if id(child) in stack:
+            totals.is_tree = False
             body.append(f"{name}<cycle back to {path_str(seen[id(child)])!r}>")
         elif id(child) in seen:
             body.append(f"{name}<tied to {path_str(seen[id(child)])!r}>")
         elif isinstance(child, Variable):
             seen[id(child)] = child_path
+            totals.add(child, lifts)
             body.append(name + repr(child))
         else:
-            sub = _repr_lines(child, child_path, seen, stack)
+            sub = _repr_lines(child, child_path, seen, stack, lifts, totals)
             body.extend([name + sub[0], *sub[1:]])
     stack.discard(id(module))
     if not body:
         return [f"{header}{extra})"]
     inner = ([extra] if extra else []) + body
     return [header, *("  " + line for line in inner), ")"]
-
-
-def _count_line(module: Module) -> str:
-    from metoryx._core.tree import walk  # the tree analysis builds on this module
-
-    try:
-        tree = walk(module)
-    except errors.ModuleStructureError:  # a cycle: the lines above show where
-        return "No total: the modules do not form a tree."
-    counts: dict[str, list[int]] = {}
-    for path, var in tree.variables:
-        copies = math.prod(axis.size for axis in tree.axes.get(path, ()))
-        entry = counts.setdefault(var.collection, [0, 0])
-        size = int(np.prod(var.shape, dtype=np.int64)) * copies
-        entry[0] += size
-        entry[1] += size * var.dtype.itemsize
-    if not counts:
-        return "No variables."
-    parts = [
-        f"{n:,} {'parameters' if name == 'params' else name + ' values'} ({_bytes(b)})"
-        for name, (n, b) in counts.items()
-    ]
-    return "Total: " + ", ".join(parts)
 
 
 def _bytes(n: int) -> str:

@@ -8,8 +8,8 @@ its starting value instead (a pretrained kernel, a zero start).
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,28 @@ def _shape_str(shape: Sequence[int], dtype: Any) -> str:
     return f"{jnp.dtype(dtype).name}[{', '.join(map(str, shape))}]"
 
 
-class Variable:
+# What type checkers see: a variable *is* a jax.Array, because that is what module code reads
+# (`x @ self.kernel` runs inside apply_fn, where the attribute holds an array). At run time a
+# variable is a plain description; in the definition world its array operators raise an error
+# that says to transform the model first (see `_definition_world_operator` below).
+if TYPE_CHECKING:
+    _ArrayInModuleCode = jax.Array
+else:
+    _ArrayInModuleCode = object
+
+
+class Variable(_ArrayInModuleCode):
     """A named array of a module: an initializer, a shape, a dtype and a collection.
 
     Use the two kinds, :class:`Parameter` (trainable, collection ``"params"``) and
     :class:`State` (any other collection, e.g. running statistics). Inside ``apply_fn`` a
     variable attribute reads as a plain ``jax.Array``.
+
+    For type checkers a variable is a ``jax.Array`` (a subclass of it, seen only by the
+    checker), so module code such as ``x @ self.kernel`` type-checks with no annotation, and
+    ``layer.kernel.value = ...`` in the definition world type-checks too. The price: a checker
+    also accepts array arithmetic on a variable in the definition world, where it fails at run
+    time with :class:`~metoryx.errors.ApplyContextError` (transform the model first).
 
     Args:
         collection: the top-level key of ``variables`` this variable lives under.
@@ -85,11 +101,21 @@ class Variable:
             ) from None
         self.collection = collection
         self.init = init
-        self.shape = shape
-        self.dtype = dtype
+        self._shape: tuple[int, ...] = shape
+        self._dtype: np.dtype[Any] = dtype
         self.mutable = bool(mutable)
         self.metadata = metadata
         self._value: jax.Array | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The array's shape."""
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The storage dtype of the array."""
+        return self._dtype
 
     @property
     def value(self) -> jax.Array:
@@ -135,6 +161,32 @@ class Variable:
     def __repr__(self) -> str:
         extras = "" if self._value is None else ", value fixed"
         return f"{type(self).__name__}({self.collection!r}, {self._describe()}{extras})"
+
+
+def _definition_world_operator(name: str) -> Callable[..., NoReturn]:
+    def operator(self: Variable, *args: Any) -> NoReturn:
+        raise errors.ApplyContextError(
+            f"{self!r} was used as an array ({name}) in the definition world, e.g. by calling "
+            f"model(x) before mx.transform. Here a variable is a description, not an array; "
+            f"transform the model and call it through apply_fn: `init_fn, apply_fn = "
+            f"mx.transform(model)`, then `y, _ = apply_fn(init_fn(key), rngs, x)`."
+        )
+
+    operator.__name__ = name
+    return operator
+
+
+# Python's operators reach a variable's reflected methods (`x @ kernel` calls
+# `kernel.__rmatmul__`), so these are where a definition-world call of a module lands.
+for _name in (
+    *(f"__{op}__" for op in ("neg", "pos", "abs", "invert", "getitem")),
+    *(
+        f"__{side}{op}__"
+        for op in ("add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow")
+        for side in ("", "r")
+    ),
+):
+    setattr(Variable, _name, _definition_world_operator(_name))
 
 
 class Parameter(Variable):
