@@ -1,8 +1,15 @@
-"""Argument checks shared by layers: sizes, window sizes and padding."""
+"""Argument checks shared by layers: sizes, window sizes, padding, numbers in a range
+(epsilon, momentum, rates), divisors and functions.
+
+Each check returns the value in its normalized form (an int, a float, a tuple) or raises a
+``LayerConfigError`` that names the layer and the argument, says what was expected and what
+was given, and how to fix it. CONTRIBUTING.md ("Layer argument conventions") lists which
+layer argument goes through which check.
+"""
 
 from __future__ import annotations
 
-import numbers
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,10 +122,110 @@ def positive_int(layer: str, name: str, value: Any) -> int:
     return number
 
 
-def check_timescale(name: str, value: Any) -> None:
-    """Check the ``max_timescale`` of a sinusoidal or rotary encoding: a positive number."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not float(value) > 0:
+def non_negative_ints(layer: str, name: str, value: Any, ndim: int) -> tuple[int, ...]:
+    """An int or ``ndim`` ints, each ``>= 0``, as an ``ndim``-tuple."""
+    values = value if isinstance(value, Sequence) else (value,) * ndim
+    try:
+        sizes = tuple(-1 if isinstance(v, bool) else operator.index(v) for v in values)
+    except TypeError:
+        sizes = ()
+    if len(sizes) != ndim or min(sizes) < 0:
         raise errors.LayerConfigError(
-            f"{name}: `max_timescale` must be a positive number, got {value!r}. The usual "
-            f"value is 10000.0 (RoPE's theta; LLaMA 3 uses 500000.0)."
+            f"{layer}: `{name}` must be a non-negative int or {ndim} of them (one per spatial "
+            f"axis of the {ndim}-d kernel_size), got {value!r}. E.g. {name}=1."
         )
+    return sizes
+
+
+def check_divisor(layer: str, name: str, value: Any, **multiples: int) -> int:
+    """``value`` as an int if it is a positive int that divides every size in ``multiples``
+    (given by name, e.g. ``in_size=4, out_size=6``)."""
+    count = positive_int(layer, name, value)
+    if any(size % count for size in multiples.values()):
+        common = math.gcd(*multiples.values())
+        choices = [d for d in range(1, common + 1) if common % d == 0]
+        sizes = " and ".join(f"{key}={size}" for key, size in multiples.items())
+        raise errors.LayerConfigError(
+            f"{layer}: {name}={count} must divide {sizes}, so that every group is the same "
+            f"size. Choose one of the divisors {choices} ({name}={choices[-1]} is the "
+            f"largest), or change the sizes."
+        )
+    return count
+
+
+def check_number(
+    layer: str,
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    fix: str,
+) -> float:
+    """``value`` as a float if it is a finite real number between ``low`` and ``high``
+    (included unless ``low_open``/``high_open``); the error ends with ``fix``."""
+    try:
+        given = math.nan if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):  # not a number, or a traced value
+        given = math.nan
+    too_low = given <= low if low_open else given < low
+    too_high = given >= high if high_open else given > high
+    if not math.isfinite(given) or too_low or too_high:
+        if high == math.inf:
+            bounds = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise errors.LayerConfigError(
+            f"{layer}: `{name}` must be a finite number {bounds}, got {value!r}. {fix}"
+        )
+    return given
+
+
+def check_epsilon(layer: str, value: Any, name: str = "epsilon") -> float:
+    """A non-negative ``epsilon``: 0 is allowed (exact whenever the variance or norm it
+    guards is positive), a negative one could take the square root of a negative number."""
+    return check_number(
+        layer,
+        name,
+        value,
+        0.0,
+        fix=f"It keeps a square root or a division away from zero: pass a small number "
+        f"such as {name}=1e-5.",
+    )
+
+
+def check_rate(layer: str, name: str, value: Any) -> float:
+    """A dropout rate, in ``[0, 1]`` (1 drops everything, as in PyTorch and Flax)."""
+    return check_number(
+        layer,
+        name,
+        value,
+        0.0,
+        1.0,
+        fix=f"It is the probability of dropping an element; for a keep probability p, pass "
+        f"{name}=1 - p.",
+    )
+
+
+def check_function(layer: str, name: str, value: Any, example: str) -> Any:
+    """``value`` if it is callable; ``example`` is a call to suggest, e.g. ``mx.relu``."""
+    if not callable(value):
+        raise errors.LayerConfigError(
+            f"{layer}: `{name}` must be a function or module of one input, such as "
+            f"{example}, got {value!r}."
+        )
+    return value
+
+
+def check_timescale(name: str, value: Any) -> float:
+    """The ``max_timescale`` of a sinusoidal or rotary encoding: a positive number."""
+    return check_number(
+        name,
+        "max_timescale",
+        value,
+        0.0,
+        low_open=True,
+        fix="The usual value is 10000.0 (RoPE's theta; LLaMA 3 uses 500000.0).",
+    )

@@ -32,9 +32,9 @@ from metoryx._core.module import Module, function_label, module_label
 from metoryx._core.variables import State
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, metoryx_only, same, transposed
-from metoryx.nn._arguments import check_timescale, positive_int
+from metoryx.nn._arguments import check_rate, check_timescale, positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT, cast, compute_dtype
-from metoryx.nn.dropout import check_rate, dropout
+from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
 from metoryx.nn.positional import apply_rotary
 

@@ -15,10 +15,10 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, torch_conversions
-from metoryx.nn._arguments import positive_int
+from metoryx.nn._arguments import check_function, check_rate, positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT
 from metoryx.nn.activations import relu
-from metoryx.nn.dropout import check_rate, dropout
+from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
 
 
@@ -246,17 +246,12 @@ class MLP(Module):
                 f"layer, got {hidden_sizes!r}. For one hidden layer of 64 units pass "
                 f"hidden_sizes=[64]; for none, hidden_sizes=[]."
             )
-        if not callable(activation):
-            raise errors.LayerConfigError(
-                f"MLP: `activation` must be a function or module of one input, such as "
-                f"mx.relu, got {activation!r}."
-            )
         self.in_size = positive_int("MLP", "in_size", in_size)
         self.hidden_sizes = tuple(
             positive_int("MLP", f"hidden_sizes[{i}]", size) for i, size in enumerate(hidden_sizes)
         )
         self.out_size = positive_int("MLP", "out_size", out_size)
-        self.activation = activation
+        self.activation = check_function("MLP", "activation", activation, "mx.relu")
         self.dropout_rate = check_rate("MLP", "dropout_rate", dropout_rate)
         sizes = (self.in_size, *self.hidden_sizes, self.out_size)
         self.layers = [

@@ -3,29 +3,13 @@ the mean."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from metoryx import errors
 from metoryx._core.module import Module
 from metoryx._core.rng import next_rng_key
-
-
-def check_rate(layer: str, name: str, rate: Any) -> float:
-    """``rate`` as a float if it is a number in ``[0, 1]``, else a ``LayerConfigError``."""
-    try:
-        valid = not isinstance(rate, bool) and 0.0 <= rate <= 1.0
-    except TypeError:  # not a number, or a traced value
-        valid = False
-    if not valid:
-        raise errors.LayerConfigError(
-            f"{layer}: `{name}` is the probability of dropping an element and must be a Python "
-            f"number in [0, 1], got {rate!r}. For a keep probability p, pass {name}=1 - p."
-        )
-    return float(rate)
+from metoryx.nn._arguments import check_rate
 
 
 def dropout(

@@ -37,9 +37,9 @@ from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, torch_conversions, transposed
-from metoryx.nn._arguments import positive_int
+from metoryx.nn._arguments import check_rate, positive_int
 from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
-from metoryx.nn.dropout import check_rate, dropout
+from metoryx.nn.dropout import dropout
 
 #: The default initializer of the recurrent kernels: orthogonal rows over all gates at once.
 _DEFAULT_RECURRENT_INIT = initializers.orthogonal()

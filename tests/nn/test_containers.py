@@ -303,7 +303,7 @@ def test_mlp_matches_torch(torch, assert_matches_torch):
         ({"in_size": 0}, "`in_size` must be a positive int"),
         ({"out_size": 2.5}, "`out_size` must be a positive int"),
         ({"activation": "relu"}, "mx.relu"),
-        ({"dropout_rate": 1.5}, "`dropout_rate` is the probability"),
+        ({"dropout_rate": 1.5}, "`dropout_rate` must be a finite number in [0, 1]"),
     ],
 )
 def test_mlp_bad_arguments(kwargs, message):
