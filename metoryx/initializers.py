@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from metoryx._docstrings import fill_docstring
 from metoryx.errors import LayerConfigError
 
 __all__ = [
@@ -440,19 +441,26 @@ def variance_scaling(
     )
 
 
+# The arguments and result of the shortcuts for variance_scaling below.
+_FAN_AXES_DOC = """
+Args:
+    in_axis: the axis (or axes) of the inputs.
+    out_axis: the axis (or axes) of the outputs.
+    batch_axis: axes that hold independent kernels; they count in no fan.
+
+Returns:
+    An initializer.
+"""
+
+
+@fill_docstring(fan_axes=_FAN_AXES_DOC)
 def glorot_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
     """Makes a Glorot (Xavier) uniform initializer: bounds ``±sqrt(6 / (fan_in + fan_out))``.
 
     The same distribution as PyTorch's ``xavier_uniform_(w)`` (gain 1);
     ``variance_scaling(1.0, "fan_avg", "uniform")``. Also named :func:`xavier_uniform`.
 
-    Args:
-        in_axis: the axis (or axes) of the inputs.
-        out_axis: the axis (or axes) of the outputs.
-        batch_axis: axes that hold independent kernels; they count in no fan.
-
-    Returns:
-        An initializer.
+    {fan_axes}
 
     Example:
         >>> import jax, metoryx as mx
@@ -463,19 +471,14 @@ def glorot_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = (
     return variance_scaling(1.0, "fan_avg", "uniform", in_axis, out_axis, batch_axis)
 
 
+@fill_docstring(fan_axes=_FAN_AXES_DOC)
 def glorot_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
     """Makes a Glorot (Xavier) normal initializer: N(0, 2 / (fan_in + fan_out)).
 
     The same distribution as PyTorch's ``xavier_normal_(w)`` (gain 1), untruncated;
     ``variance_scaling(1.0, "fan_avg", "normal")``. Also named :func:`xavier_normal`.
 
-    Args:
-        in_axis: the axis (or axes) of the inputs.
-        out_axis: the axis (or axes) of the outputs.
-        batch_axis: axes that hold independent kernels; they count in no fan.
-
-    Returns:
-        An initializer.
+    {fan_axes}
 
     Example:
         >>> import jax, metoryx as mx
@@ -486,18 +489,13 @@ def glorot_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()
     return variance_scaling(1.0, "fan_avg", "normal", in_axis, out_axis, batch_axis)
 
 
+@fill_docstring(fan_axes=_FAN_AXES_DOC)
 def lecun_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
     """Makes a LeCun uniform initializer: bounds ``±sqrt(3 / fan_in)``.
 
     ``variance_scaling(1.0, "fan_in", "uniform")``.
 
-    Args:
-        in_axis: the axis (or axes) of the inputs.
-        out_axis: the axis (or axes) of the outputs.
-        batch_axis: axes that hold independent kernels; they count in no fan.
-
-    Returns:
-        An initializer.
+    {fan_axes}
 
     Example:
         >>> import jax, metoryx as mx
@@ -508,6 +506,7 @@ def lecun_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()
     return variance_scaling(1.0, "fan_in", "uniform", in_axis, out_axis, batch_axis)
 
 
+@fill_docstring(fan_axes=_FAN_AXES_DOC)
 def lecun_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
     """Makes a LeCun normal initializer: N(0, 1 / fan_in), the one SELU networks need.
 
@@ -515,13 +514,7 @@ def lecun_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ())
     nonlinearity="linear")``; ``variance_scaling(1.0, "fan_in", "normal")``. For JAX's and
     Keras's truncated variant, use ``variance_scaling(1.0, "fan_in", "truncated_normal")``.
 
-    Args:
-        in_axis: the axis (or axes) of the inputs.
-        out_axis: the axis (or axes) of the outputs.
-        batch_axis: axes that hold independent kernels; they count in no fan.
-
-    Returns:
-        An initializer.
+    {fan_axes}
 
     Example:
         >>> import jax, metoryx as mx
@@ -532,6 +525,7 @@ def lecun_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ())
     return variance_scaling(1.0, "fan_in", "normal", in_axis, out_axis, batch_axis)
 
 
+@fill_docstring(fan_axes=_FAN_AXES_DOC)
 def he_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
     """Makes a He (Kaiming) uniform initializer: bounds ``±sqrt(6 / fan_in)``, for ReLU nets.
 
@@ -539,13 +533,7 @@ def he_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -
     nonlinearity="relu")``; ``variance_scaling(2.0, "fan_in", "uniform")``. Also named
     :func:`kaiming_uniform`.
 
-    Args:
-        in_axis: the axis (or axes) of the inputs.
-        out_axis: the axis (or axes) of the outputs.
-        batch_axis: axes that hold independent kernels; they count in no fan.
-
-    Returns:
-        An initializer.
+    {fan_axes}
 
     Example:
         >>> import jax, metoryx as mx
@@ -556,6 +544,7 @@ def he_uniform(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -
     return variance_scaling(2.0, "fan_in", "uniform", in_axis, out_axis, batch_axis)
 
 
+@fill_docstring(fan_axes=_FAN_AXES_DOC)
 def he_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) -> Initializer:
     """Makes a He (Kaiming) normal initializer: N(0, 2 / fan_in), for ReLU nets.
 
@@ -563,13 +552,7 @@ def he_normal(in_axis: Axes = -2, out_axis: Axes = -1, batch_axis: Axes = ()) ->
     nonlinearity="relu")``, untruncated; ``variance_scaling(2.0, "fan_in", "normal")``. Also
     named :func:`kaiming_normal`.
 
-    Args:
-        in_axis: the axis (or axes) of the inputs.
-        out_axis: the axis (or axes) of the outputs.
-        batch_axis: axes that hold independent kernels; they count in no fan.
-
-    Returns:
-        An initializer.
+    {fan_axes}
 
     Example:
         >>> import jax, metoryx as mx
