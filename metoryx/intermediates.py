@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from metoryx import errors
 from metoryx._core.context import innermost_frame
 from metoryx._core.module import Module, calling_module, module_label, running_frame
-from metoryx._core.transform import _Snapshot
+from metoryx._core.transform import Snapshot
 
 
 class Capture(NamedTuple):
@@ -64,6 +64,12 @@ def sow(name: str, value: Any) -> Any:
         >>> sorted(found), found["pre_activation"][0].shape
         (['pre_activation'], (1, 2))
     """
+    if not isinstance(name, str) or not name or "/" in name:
+        raise errors.LayerConfigError(
+            f"mx.sow: `name` must be a non-empty str without '/' (it is joined to the module's "
+            f"path with '/', so 'a/b' could name another module's value), got {name!r}. Pass "
+            f"a plain name such as 'features'."
+        )
     found = innermost_frame()
     if found is None or found[1].capture is None:
         return value
@@ -128,7 +134,7 @@ def capture(
         (4, 8)
     """
     snapshot = getattr(apply_fn, "__self__", None)
-    if not isinstance(snapshot, _Snapshot) or apply_fn.__name__ != "apply":
+    if not isinstance(snapshot, Snapshot) or apply_fn.__name__ != "apply":
         raise errors.LayerConfigError(
             f"mx.capture expects the apply_fn of mx.transform(model), got {apply_fn!r}. Capture "
             f"first, then jit: jax.jit(mx.capture(apply_fn, ...))."

@@ -30,31 +30,10 @@ import numpy as np
 
 from metoryx import errors
 from metoryx._core.context import FRAMES, Frame
-from metoryx._core.module import _BINDING, Module, module_label, running_frame
+from metoryx._core.module import BINDING, Lifted, Module, module_label, running_frame
 from metoryx._core.paths import Path, path_str
 
 ALL = "all"  # variable_axes meaning: every collection is stacked
-
-
-class Lifted(Module):
-    """Base of the wrappers that run one module, ``self.module``, under a JAX transformation.
-
-    The wrapped module sits at the wrapper's own path (``blocks/kernel``, not
-    ``blocks/module/kernel``). A subclass that keeps a copy of the module's variables per layer
-    or member says how many, per collection, with :meth:`copies`; those variables are stacked
-    on a new leading axis.
-    """
-
-    _transparent = "module"
-    module: Module
-
-    def copies(self, collection: str) -> int | None:
-        """How many copies of the variables of ``collection`` are stacked; None: shared."""
-        return None
-
-    def isolates(self) -> bool:
-        """Whether it stacks some variables, so that what it holds cannot be shared outside."""
-        return False
 
 
 def stacked_copies(variable_axes: Any, size: int | None, collection: str) -> int | None:
@@ -125,7 +104,7 @@ def running(module: Module, transform: str) -> tuple[object, Frame]:
 
 def plan_of(wrapper: Lifted) -> Plan:
     """The slots of the variables that ``wrapper``'s module holds (cached by the snapshot)."""
-    binding = wrapper.__dict__[_BINDING]
+    binding = wrapper.__dict__[BINDING]
     owner, path = binding.owner, binding.path
     cache: dict[Path, Plan] = owner.lift_plans
     plan = cache.get(path)

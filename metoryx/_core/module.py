@@ -19,11 +19,11 @@ import numpy as np
 
 from metoryx import errors
 from metoryx._core.context import FRAMES, Frame, Slot
-from metoryx._core.paths import Path, key_str, path_str
+from metoryx._core.paths import Path, key_str, part_problem, path_str
 from metoryx._core.variables import Variable
 
 # The key under which a snapshot module keeps its Binding; never present in the definition world.
-_BINDING = "_mx_binding"
+BINDING = "_mx_binding"
 
 
 class Binding(NamedTuple):
@@ -76,7 +76,7 @@ class Module:
 
     def __getattr__(self, name: str) -> Any:
         # Reached only for names missing from __dict__: a snapshot's variable attributes.
-        binding = self.__dict__.get(_BINDING)
+        binding = self.__dict__.get(BINDING)
         if binding is not None:
             template = binding.templates.get(name)
             if template is not None:
@@ -86,15 +86,23 @@ class Module:
                 if type(template) is Slot:
                     return frame.values[template.index]
                 return frame.read(template, f"{module_label(self)}.{name}")
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise _missing_attribute(self, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        binding = self.__dict__.get(_BINDING)
+        binding = self.__dict__.get(BINDING)
         if binding is None:
             object.__setattr__(self, name, value)
             return
         where = f"{module_label(self)}.{name}"
         template = binding.templates.get(name)
+        if template is None and holds_modules_or_variables(value):
+            raise errors.ImmutableModuleError(
+                f"Cannot set attribute {name!r} of {module_label(self)} inside apply_fn to "
+                f"{_kind_of(value)}: layers and variables are part of the model's structure, "
+                f"which mx.transform fixes before apply_fn runs (their variables must exist "
+                f"for init_fn). Create it in __init__ (`self.{name} = ...`) and only call it "
+                f"here."
+            )
         if template is None:
             raise errors.ImmutableModuleError(
                 f"Cannot set attribute {name!r} of {module_label(self)} inside apply_fn: the "
@@ -109,7 +117,7 @@ class Module:
         frame.write(where, template, value)
 
     def __delattr__(self, name: str) -> None:
-        if _BINDING in self.__dict__:
+        if BINDING in self.__dict__:
             raise errors.ImmutableModuleError(
                 f"Cannot delete attribute {name!r} of {module_label(self)} inside apply_fn: the "
                 f"model is frozen while it runs. Edit the model before mx.transform instead."
@@ -148,7 +156,7 @@ def module_label(module: Module) -> str:
         >>> mx.module_label(mx.Dense(2, 3))
         'Dense'
     """
-    binding = module.__dict__.get(_BINDING)
+    binding = module.__dict__.get(BINDING)
     name = type(module).__name__
     if binding is None:
         return name
@@ -160,9 +168,9 @@ def module_label(module: Module) -> str:
 def running_frame(module: Module) -> tuple[Binding, Frame] | None:
     """The binding of a snapshot module and its snapshot's current frame; None when the module
     is not part of a running ``apply_fn``."""
-    binding = module.__dict__.get(_BINDING)
+    binding: Binding | None = module.__dict__.get(BINDING)
     frame = None if binding is None else FRAMES.get().get(binding.owner)
-    return None if frame is None else (binding, frame)
+    return None if binding is None or frame is None else (binding, frame)
 
 
 def calling_module() -> Module | None:
@@ -174,7 +182,7 @@ def calling_module() -> Module | None:
     frame = sys._getframe(1)
     while frame is not None:
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Module) and _BINDING in candidate.__dict__:
+        if isinstance(candidate, Module) and BINDING in candidate.__dict__:
             return candidate
         frame = frame.f_back
     return None
@@ -194,6 +202,31 @@ def function_label(name: str) -> str:
     """
     caller = calling_module_label()
     return name if caller is None else f"{name} in {caller}"
+
+
+def _missing_attribute(module: Module, name: str) -> errors.ModuleAttributeError:
+    label = module_label(module)
+    if name.startswith("__") and name.endswith("__"):  # Python's own probes: keep it short
+        return errors.ModuleAttributeError(f"{label} has no attribute {name!r}.")
+    if label == type(module).__name__:  # the definition world
+        return errors.ModuleAttributeError(
+            f"{label} has no attribute {name!r}: it was never set, or deleted (`del "
+            f"layer.{name}`). Set it (e.g. in __init__: `self.{name} = ...`) before reading it."
+        )
+    return errors.ModuleAttributeError(
+        f"{label} has no attribute {name!r}, which its code reads: it was deleted from the "
+        f"model (`del layer.{name}`) or never set before mx.transform. Set it on the model and "
+        f"transform again (None where the layer takes None, e.g. a bias), or build the layer "
+        f"with the options you want (e.g. use_bias=False)."
+    )
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, Module):
+        return f"a module ({type(value).__name__})"
+    if isinstance(value, Variable):
+        return f"a variable ({value!r})"
+    return f"a {type(value).__name__} holding modules or variables"
 
 
 def _outside_apply(module: Module, name: str) -> errors.ApplyContextError:
@@ -238,8 +271,12 @@ def iter_children(module: Module) -> Iterator[tuple[Path, Module | Variable]]:
     for name, value in vars(module).items():
         if name == transparent and isinstance(value, Module):
             yield (), value
-        elif name != _BINDING:
-            yield from _scan(value, (name,), module)
+        elif name != BINDING:
+            found = list(_scan(value, (name,), module))
+            problem = part_problem(name) if found else None
+            if problem:
+                raise _bad_part(module, (), f"attribute {name!r}", problem)
+            yield from found
 
 
 def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module | Variable]]:
@@ -259,6 +296,9 @@ def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module 
                     )
                 continue
             found = list(_scan(item, (*path, part), owner))
+            problem = part_problem(part) if found else None
+            if problem:
+                raise _bad_part(owner, path, f"dict key {key!r}", problem)
             if found and part in used:
                 raise errors.ModuleStructureError(
                     f"{type(owner).__name__}.{path_str(path)}: keys {used[part]!r} and {key!r} "
@@ -297,6 +337,15 @@ def _slot_values(value: Any) -> list[Any]:
             if name not in ("__dict__", "__weakref__") and hasattr(value, name):
                 found.append(getattr(value, name))
     return found
+
+
+def _bad_part(owner: Module, path: Path, what: str, problem: str) -> errors.ModuleStructureError:
+    where = f"{type(owner).__name__}.{path_str(path)}" if path else type(owner).__name__
+    return errors.ModuleStructureError(
+        f"{where}: the {what} holds modules or variables, and a path part must be a "
+        f"non-empty name without '/' or '.'; got {problem}. Rename it (e.g. 'a_b' for "
+        f"'a/b'), or nest the dicts ({{'a': {{'b': ...}}}})."
+    )
 
 
 def _hidden(owner: Module, path: Path, container: str) -> errors.ModuleStructureError:

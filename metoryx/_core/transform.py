@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from metoryx import errors
 from metoryx._core.context import FRAMES, BoundVariable, Frame, Slot
 from metoryx._core.init import InitPlan
-from metoryx._core.module import _BINDING, Binding, Module
+from metoryx._core.module import BINDING, Binding, Module
 from metoryx._core.paths import flatten_variables, path_str, unflatten_variables
 from metoryx._core.rng import as_root_key, parse_rngs
 from metoryx._core.tree import walk
@@ -79,7 +79,7 @@ def transform(model: Module, method: Method = None) -> Transformed:
         >>> y.shape
         (4, 2)
     """
-    snapshot = _Snapshot(model, method)
+    snapshot = Snapshot(model, method)
     return Transformed(snapshot.init, snapshot.apply)
 
 
@@ -109,7 +109,7 @@ def apply(model: Module, method: Method = None) -> Callable[..., tuple[Any, dict
     return transform(model, method).apply
 
 
-class _Snapshot:
+class Snapshot:
     """A frozen copy of a model and everything a call needs, computed once."""
 
     def __init__(self, model: Module, method: Method):
@@ -271,7 +271,7 @@ def _bind(module: Module, binding: Binding, slot_of: dict[int, Slot]) -> None:
         if template is not value:
             binding.templates[name] = template
             del attrs[name]
-    attrs[_BINDING] = binding
+    attrs[BINDING] = binding
 
 
 def _template(value: Any, slot_of: dict[int, Slot]) -> Any:

@@ -7,8 +7,7 @@ from typing import Any, NamedTuple
 
 from metoryx import errors
 from metoryx._core.context import StackAxis
-from metoryx._core.lifting import Lifted
-from metoryx._core.module import Module, holds_modules_or_variables, iter_children
+from metoryx._core.module import Lifted, Module, holds_modules_or_variables, iter_children
 from metoryx._core.paths import Path, path_str
 from metoryx._core.variables import Variable
 

@@ -16,8 +16,8 @@ import jax
 
 from metoryx import errors
 from metoryx._core.context import innermost_frame
-from metoryx._core.lifting import Lifted, Region
-from metoryx._core.module import _BINDING, Module
+from metoryx._core.lifting import Region
+from metoryx._core.module import BINDING, Lifted, Module
 
 Policy = Callable[..., bool] | None
 
@@ -69,7 +69,7 @@ def checkpoint(
         (4, 16)
     """
     statics = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-    if isinstance(module_or_fn, Module) and _BINDING not in module_or_fn.__dict__:
+    if isinstance(module_or_fn, Module) and BINDING not in module_or_fn.__dict__:
         return Checkpointed(module_or_fn, policy, prevent_cse, statics)
     if not callable(module_or_fn):
         raise errors.LayerConfigError(

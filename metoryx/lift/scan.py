@@ -20,7 +20,6 @@ from jax import lax
 from metoryx import errors
 from metoryx._core.lifting import (
     ALL,
-    Lifted,
     Region,
     check_split_rngs,
     check_variable_axes,
@@ -28,7 +27,7 @@ from metoryx._core.lifting import (
     running,
     stacked_copies,
 )
-from metoryx._core.module import Module, module_label
+from metoryx._core.module import Lifted, Module, module_label
 
 Step = Callable[[Module, Any, Any], tuple[Any, Any]]
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from metoryx import errors
 from metoryx._core.lifting import (
-    Lifted,
     Region,
     check_split_rngs,
     check_variable_axes,
@@ -25,7 +24,7 @@ from metoryx._core.lifting import (
     running,
     stacked_copies,
 )
-from metoryx._core.module import Module, module_label
+from metoryx._core.module import Lifted, Module, module_label
 from metoryx._core.paths import path_str
 
 

@@ -12,7 +12,7 @@ from metoryx import errors, initializers
 from metoryx._core.init import Group, InitPlan
 from metoryx._core.paths import flatten_variables
 from metoryx._core.rng import fold_in_path
-from metoryx._core.transform import _Snapshot
+from metoryx._core.transform import Snapshot
 
 RANDOM = {
     "normal": initializers.normal(0.02, mean=0.1),
@@ -41,7 +41,7 @@ class Bank(mx.Module):
 
 def one_by_one(model, key):
     """What init_fn gave before grouping: each variable drawn with its own path's key."""
-    snapshot = _Snapshot(model, None)
+    snapshot = Snapshot(model, None)
     out = {}
     for bound in snapshot.variables:
         var = bound.variable
@@ -58,7 +58,7 @@ def assert_same_bits(variables, expected):
 
 
 def groups(model):
-    return [s for s in InitPlan(_Snapshot(model, None).variables).steps if isinstance(s, Group)]
+    return [s for s in InitPlan(Snapshot(model, None).variables).steps if isinstance(s, Group)]
 
 
 @pytest.mark.parametrize("name", sorted(RANDOM))
