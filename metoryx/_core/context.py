@@ -13,7 +13,7 @@ be applied inside another model's method (each snapshot finds its own frame).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -39,7 +39,8 @@ def trace_state() -> Any:
 class Slot(NamedTuple):
     """Where a variable's array sits in a frame's value list."""
 
-    index: int
+    # Shadows tuple.index, which nothing calls on a Slot; the name reads best at every use.
+    index: int  # pyright: ignore[reportIncompatibleMethodOverride]
 
 
 class StackAxis(NamedTuple):
@@ -234,7 +235,7 @@ def _refuse(self: ReadOnlyList | ReadOnlyDict, *args: Any, **kwargs: Any) -> Non
     )
 
 
-class ReadOnlyList(list):
+class ReadOnlyList(list[Any]):
     """A list of variables' arrays read inside apply_fn: JAX flattens it like a list, and
     ``jax.tree.map`` over it returns a plain list."""
 
@@ -242,11 +243,12 @@ class ReadOnlyList(list):
         super().__init__(items)
         self.where = where
 
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
-    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    # Every mutating method refuses; their signatures differ from list's on purpose.
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # pyright: ignore[reportAssignmentType]
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse  # pyright: ignore[reportAssignmentType]
 
 
-class ReadOnlyDict(dict):
+class ReadOnlyDict(dict[Any, Any]):
     """A dict of variables' arrays read inside apply_fn: JAX flattens it like a dict (in
     insertion order), and ``jax.tree.map`` over it returns a plain dict."""
 
@@ -254,18 +256,38 @@ class ReadOnlyDict(dict):
         super().__init__(items)
         self.where = where
 
-    __setitem__ = __delitem__ = __ior__ = _refuse
-    pop = popitem = clear = setdefault = update = _refuse
+    # Every mutating method refuses; their signatures differ from dict's on purpose.
+    __setitem__ = __delitem__ = __ior__ = _refuse  # pyright: ignore[reportAssignmentType]
+    pop = popitem = clear = setdefault = update = _refuse  # pyright: ignore[reportAssignmentType]
 
 
-jax.tree_util.register_pytree_node(
-    ReadOnlyList, lambda xs: (list(xs), None), lambda _, children: list(children)
-)
+def _flatten_list(xs: ReadOnlyList) -> tuple[list[Any], None]:
+    return list(xs), None
+
+
+def _unflatten_list(_: None, children: Iterable[Any]) -> list[Any]:
+    return list(children)
+
+
+def _flatten_dict_with_keys(d: ReadOnlyDict) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+    return [(jax.tree_util.DictKey(k), v) for k, v in d.items()], tuple(d)
+
+
+def _flatten_dict(d: ReadOnlyDict) -> tuple[list[Any], tuple[Any, ...]]:
+    return list(d.values()), tuple(d)
+
+
+def _unflatten_dict(keys: tuple[Any, ...], children: Iterable[Any]) -> dict[Any, Any]:
+    return dict(zip(keys, children, strict=True))
+
+
+# Flattened like the builtins, unflattened *as* the builtins: jax.tree.map returns plain ones.
+jax.tree_util.register_pytree_node(ReadOnlyList, _flatten_list, _unflatten_list)  # pyright: ignore[reportArgumentType]
 jax.tree_util.register_pytree_with_keys(
     ReadOnlyDict,
-    lambda d: ([(jax.tree_util.DictKey(k), v) for k, v in d.items()], list(d)),
-    lambda keys, children: dict(zip(keys, children, strict=True)),
-    lambda d: (list(d.values()), list(d)),
+    _flatten_dict_with_keys,
+    _unflatten_dict,  # pyright: ignore[reportArgumentType]
+    _flatten_dict,
 )
 
 

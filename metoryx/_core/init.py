@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 
 from metoryx import errors
 from metoryx._core.context import BoundVariable
@@ -130,8 +131,8 @@ def _split(drawn: jax.Array, runs: list[tuple[int, int]]) -> list[jax.Array]:
     counts = [count for _, count in runs]
     shape = drawn.shape[1:]
     size = math.prod(shape)
-    if not isinstance(drawn, jax.core.Tracer) or size < 2:
-        return jnp.unstack(drawn) if max(counts) == 1 else lax.split(drawn, counts)
+    if not isinstance(drawn, Tracer) or size < 2:
+        return list(jnp.unstack(drawn) if max(counts) == 1 else lax.split(drawn, counts))
     if len(shape) >= 2 and shape[0] >= 2:  # rows of the draws' own first axis: no reshape
         k, rows = shape[0], drawn.reshape(len(drawn) * shape[0], *shape[1:])
     else:
@@ -169,7 +170,7 @@ def _draw_group(key: jax.Array, group: Group) -> jax.Array | None:
         # Traced, a loop: its boundary keeps XLA from fusing the sampler's arithmetic into the
         # kernel of every output slice, which made those kernels 3x slower to compile on CPU.
         # Eagerly, vmap: each operation is dispatched once for the group, nothing is compiled.
-        stacked = lax.map(draw, keys) if isinstance(keys, jax.core.Tracer) else jax.vmap(draw)(keys)
+        stacked = lax.map(draw, keys) if isinstance(keys, Tracer) else jax.vmap(draw)(keys)
     except Exception:
         return None  # drawn one by one, whose error names the variable
     if not isinstance(stacked, jax.Array) or stacked.shape != (len(group.slots), *group.shape):

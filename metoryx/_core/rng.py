@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
+from jax.typing import ArrayLike
 
 from metoryx import errors
 from metoryx._core.context import Frame, innermost_frame
@@ -31,7 +33,7 @@ def path_hash(path: Iterable[str]) -> tuple[int, int]:
 def fold_in_path(key: jax.Array, path: Iterable[str]) -> jax.Array:
     """``key`` folded with the 64-bit hash of ``path``: the key of one variable or stream."""
     high, low = path_hash(path)
-    if isinstance(key, jax.core.Tracer):  # traced: the two plain equations a user would write
+    if isinstance(key, Tracer):  # traced: the two plain equations a user would write
         return jax.random.fold_in(jax.random.fold_in(key, high), low)
     return _fold_in_twice_jitted(key, np.uint32(high), np.uint32(low))
 
@@ -43,7 +45,7 @@ def fold_in_paths(key: jax.Array, words: np.ndarray) -> jax.Array:
     arithmetic, the same batched or not.
     """
     high, low = words[:, 0], words[:, 1]
-    if isinstance(key, jax.core.Tracer):
+    if isinstance(key, Tracer):
         return jax.vmap(_fold_in_twice, in_axes=(None, 0, 0))(key, high, low)
     return _fold_in_twice_batched(key, high, low)
 
@@ -53,7 +55,7 @@ def path_words(paths: Iterable[Iterable[str]]) -> np.ndarray:
     return np.array([path_hash(p) for p in paths], dtype=np.uint32).reshape(-1, 2)
 
 
-def _fold_in_twice(key: jax.Array, high: jax.Array, low: jax.Array) -> jax.Array:
+def _fold_in_twice(key: jax.Array, high: ArrayLike, low: ArrayLike) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, high), low)
 
 
@@ -69,7 +71,7 @@ def is_key(x: Any) -> bool:
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         return False
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
         return True
     return dtype == np.uint32 and jnp.ndim(x) == 1 and jnp.shape(x)[0] in (2, 4)
 
@@ -83,7 +85,7 @@ def as_root_key(key: Any) -> jax.Array:
             f"init_fn expects a random key, e.g. init_fn(jax.random.key(0)) or an int seed; "
             f"got {_describe(key)}."
         )
-    return key
+    return cast(jax.Array, key)
 
 
 def parse_rngs(rngs: Any) -> dict[str, Any]:
