@@ -108,16 +108,17 @@ def check_window_fits(
             )
 
 
-def positive_int(layer: str, name: str, value: Any) -> int:
-    """``value`` as an int if it is a positive integer, else a ``LayerConfigError``."""
+def positive_int(layer: str, name: str, value: Any, fix: str | None = None) -> int:
+    """``value`` as an int if it is a positive integer, else a ``LayerConfigError`` that ends
+    with ``fix`` (by default, an example size)."""
     try:
         number = operator.index(value)
     except TypeError:
         number = 0
     if isinstance(value, bool) or number < 1:
         raise errors.LayerConfigError(
-            f"{layer}: `{name}` must be a positive int, got {value!r}. Pass a size such as "
-            f"{name}=64."
+            f"{layer}: `{name}` must be a positive int, got {value!r}. "
+            f"{fix or f'Pass a size such as {name}=64.'}"
         )
     return number
 

@@ -23,7 +23,29 @@ from jax import lax
 
 from metoryx import errors
 from metoryx._core.module import function_label
-from metoryx.nn._arguments import PaddingLike, check_window_fits, parse_padding, window_sizes
+from metoryx._docstrings import fill_docstring
+from metoryx.nn._arguments import (
+    PaddingLike,
+    check_window_fits,
+    parse_padding,
+    positive_int,
+    window_sizes,
+)
+
+# The arguments and errors that max_pool, min_pool and avg_pool share (see fill_docstring).
+_WINDOW_ARGS_DOC = """
+x: input of shape ``(*batch, *spatial, channels)`` with ``len(kernel_size)`` spatial axes.
+kernel_size: window size per spatial axis; an int means one spatial axis.
+strides: step per spatial axis, an int for all of them; None means ``kernel_size``.
+padding: ``"VALID"``, ``"SAME"``, an int, one int per spatial axis, or one ``(low, high)``
+    pair per spatial axis, as in :class:`metoryx.Conv`.
+"""
+_WINDOW_RAISES_DOC = """
+Raises:
+    LayerConfigError: if ``kernel_size``, ``strides`` or ``padding`` is malformed.
+    InputShapeError: if ``x`` has too few axes or a padded spatial axis is shorter than the
+        window.
+"""
 
 
 class _Window:
@@ -83,6 +105,7 @@ class _Window:
         return counts.reshape((1,) * self.batch_ndim + counts.shape + (1,))
 
 
+@fill_docstring(window_args=_WINDOW_ARGS_DOC, window_raises=_WINDOW_RAISES_DOC)
 def max_pool(
     x: jax.Array,
     kernel_size: int | Sequence[int],
@@ -92,20 +115,12 @@ def max_pool(
     """The maximum over each window (padding never wins: it counts as ``-inf``).
 
     Args:
-        x: input of shape ``(*batch, *spatial, channels)`` with ``len(kernel_size)`` spatial
-            axes.
-        kernel_size: window size per spatial axis; an int means one spatial axis.
-        strides: step per spatial axis, an int for all of them; None means ``kernel_size``.
-        padding: ``"VALID"``, ``"SAME"``, an int, one int per spatial axis, or one
-            ``(low, high)`` pair per spatial axis, as in :class:`metoryx.Conv`.
+        {window_args}
 
     Returns:
         The pooled array ``(*batch, *out_spatial, channels)``, of the dtype of ``x``.
 
-    Raises:
-        LayerConfigError: if ``kernel_size``, ``strides`` or ``padding`` is malformed.
-        InputShapeError: if ``x`` has too few axes or a padded spatial axis is shorter than
-            the window.
+    {window_raises}
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx
@@ -119,6 +134,7 @@ def max_pool(
     return window.reduce(x, _lowest(x.dtype), lax.max)
 
 
+@fill_docstring(window_args=_WINDOW_ARGS_DOC, window_raises=_WINDOW_RAISES_DOC)
 def min_pool(
     x: jax.Array,
     kernel_size: int | Sequence[int],
@@ -128,20 +144,12 @@ def min_pool(
     """The minimum over each window (padding never wins: it counts as ``+inf``).
 
     Args:
-        x: input of shape ``(*batch, *spatial, channels)`` with ``len(kernel_size)`` spatial
-            axes.
-        kernel_size: window size per spatial axis; an int means one spatial axis.
-        strides: step per spatial axis, an int for all of them; None means ``kernel_size``.
-        padding: ``"VALID"``, ``"SAME"``, an int, one int per spatial axis, or one
-            ``(low, high)`` pair per spatial axis, as in :class:`metoryx.Conv`.
+        {window_args}
 
     Returns:
         The pooled array ``(*batch, *out_spatial, channels)``, of the dtype of ``x``.
 
-    Raises:
-        LayerConfigError: if ``kernel_size``, ``strides`` or ``padding`` is malformed.
-        InputShapeError: if ``x`` has too few axes or a padded spatial axis is shorter than
-            the window.
+    {window_raises}
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx
@@ -154,6 +162,7 @@ def min_pool(
     return window.reduce(x, _highest(x.dtype), lax.min)
 
 
+@fill_docstring(window_args=_WINDOW_ARGS_DOC, window_raises=_WINDOW_RAISES_DOC)
 def avg_pool(
     x: jax.Array,
     kernel_size: int | Sequence[int],
@@ -169,22 +178,14 @@ def avg_pool(
     Integer inputs are averaged in the default floating dtype.
 
     Args:
-        x: input of shape ``(*batch, *spatial, channels)`` with ``len(kernel_size)`` spatial
-            axes.
-        kernel_size: window size per spatial axis; an int means one spatial axis.
-        strides: step per spatial axis, an int for all of them; None means ``kernel_size``.
-        padding: ``"VALID"``, ``"SAME"``, an int, one int per spatial axis, or one
-            ``(low, high)`` pair per spatial axis, as in :class:`metoryx.Conv`.
+        {window_args}
         count_include_pad: whether padded zeros count in the divisor.
 
     Returns:
         The pooled array ``(*batch, *out_spatial, channels)``, of the (floating) dtype of
         ``x``.
 
-    Raises:
-        LayerConfigError: if ``kernel_size``, ``strides`` or ``padding`` is malformed.
-        InputShapeError: if ``x`` has too few axes or a padded spatial axis is shorter than
-            the window.
+    {window_raises}
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx
@@ -238,16 +239,13 @@ def global_avg_pool(x: jax.Array, num_spatial_axes: int, keepdims: bool = False)
         (2, 1, 1, 2)
     """
     name = "global_avg_pool"
-    if (
-        not isinstance(num_spatial_axes, int)
-        or isinstance(num_spatial_axes, bool)
-        or num_spatial_axes < 1
-    ):
-        raise errors.LayerConfigError(
-            f"{name}: `num_spatial_axes` must be a positive int (the number of axes between "
-            f"the batch axes and the channel axis), got {num_spatial_axes!r}. Pass e.g. "
-            f"num_spatial_axes=2 for images of shape (*batch, height, width, channels)."
-        )
+    num_spatial_axes = positive_int(
+        name,
+        "num_spatial_axes",
+        num_spatial_axes,
+        "It is the number of axes between the batch axes and the channel axis: pass e.g. "
+        "num_spatial_axes=2 for images of shape (*batch, height, width, channels).",
+    )
     x = jnp.asarray(x)
     _spatial_shape(
         name,
