@@ -7,7 +7,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import jax.numpy as jnp
 import numpy as np
 
 from metoryx import errors
@@ -16,6 +15,7 @@ from metoryx._core.module import Module
 from metoryx._core.paths import flatten_variables, path_str
 from metoryx._core.transform import mismatch_report
 from metoryx._core.tree import walk
+from metoryx._core.variables import fix_stacked_value
 
 M = TypeVar("M", bound=Module)
 
@@ -87,7 +87,7 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
     for path, var in wanted.items():
         if path in given:
             if path in tree.axes:  # every copy's value: more than the setter's one copy
-                memo[id(var)]._value = jnp.array(given[path], dtype=var.dtype)
+                fix_stacked_value(memo[id(var)], given[path])
             else:
                 memo[id(var)].value = given[path]
     if missing or unused:

@@ -59,7 +59,7 @@ class InitPlan:
         steps: list[Group | int] = []
         for i, bound in enumerate(variables):
             var = bound.variable
-            if var._value is None and getattr(var.init, "vectorizable", False) is True:
+            if not var.has_value and getattr(var.init, "vectorizable", False) is True:
                 dtype = jax.dtypes.canonicalize_dtype(var.dtype)
                 try:
                     alike.setdefault((var.init, var.shape, dtype), []).append(i)
@@ -188,10 +188,10 @@ def init_one(key: jax.Array, bound: BoundVariable) -> jax.Array:
     """
     var = bound.variable
     dtype = jax.dtypes.canonicalize_dtype(var.dtype)
-    if var._value is not None:
+    if var.has_value:
         # A copy: the caller owns what init_fn returns and may donate or delete it, which
         # must not destroy the model's fixed value (often the user's own array).
-        value = jnp.asarray(var._value, dtype=dtype)
+        value = jnp.asarray(var.value, dtype=dtype)
         return jnp.array(jnp.broadcast_to(value, bound.shape), copy=True)
     draws = [_draw_one(key, path, bound) for path in bound.copy_paths()]
     if not bound.axes:

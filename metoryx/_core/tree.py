@@ -33,8 +33,8 @@ class ModuleTree(NamedTuple):
         """
         memo: dict[int, Any] = {}
         for _, var in self.variables:
-            if var._value is not None:
-                memo[id(var._value)] = var._value
+            if var.has_value:
+                memo[id(var.value)] = var.value
         for _, module in self.modules:
             for value in vars(module).values():
                 items = value.values() if isinstance(value, dict) else value

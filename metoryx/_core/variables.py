@@ -266,3 +266,10 @@ class State(Variable):
         extras = "" if self.mutable else ", read-only"
         extras += "" if self._value is None else ", value fixed"
         return f"State({self.collection!r}, {self._describe()}{extras})"
+
+
+def fix_stacked_value(var: Variable, value: Any) -> None:
+    """Fixes every copy of a stacked variable at once: ``value`` has the whole stack's shape
+    (a lifted wrapper's copies first), which the ``.value`` setter, checking one copy's shape,
+    refuses. Used by ``mx.assign_variables``."""
+    var._value = jnp.array(value, dtype=var.dtype)
