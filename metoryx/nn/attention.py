@@ -517,9 +517,10 @@ class MultiHeadAttention(Module):
         self.key = dense(self.key_size, kv_size)
         self.value = dense(self.value_size, kv_size)
         self.out = dense(self.qkv_size, self.out_size)
-        self.cached_key: State | None = None
-        self.cached_value: State | None = None
-        self.cache_index: State | None = None
+        # Mutable States, so module code assigns arrays to them: typed as what it reads.
+        self.cached_key: jax.Array | None = None
+        self.cached_value: jax.Array | None = None
+        self.cache_index: jax.Array | None = None
 
     def extra_repr(self) -> str:
         parts = [f"num_heads={self.num_heads}", f"in_size={self.in_size}"]
@@ -691,7 +692,7 @@ class MultiHeadAttention(Module):
         q = self.query(query).reshape(*lead, t, self.num_heads, self.head_dim)
         k = self.key(key).reshape(*key.shape[:-1], self.num_kv_heads, self.head_dim)
         v = self.value(value).reshape(*value.shape[:-1], self.num_kv_heads, self.head_dim)
-        index = self.cache_index if decode else 0
+        index = self._cache()[2] if decode else 0
         if self.rotary is not None:
             if positions is None:
                 positions = jnp.arange(t) + index if decode else jnp.arange(t)
@@ -734,14 +735,8 @@ class MultiHeadAttention(Module):
     def _check_cache(self, query: jax.Array, key: jax.Array) -> jax.Array | None:
         """Checks a decoding call before any work; returns None, or under ``jit`` (where
         ``cache_index`` is not known) a traced flag of an overflow."""
-        if self.cache_index is None:
-            raise errors.LayerConfigError(
-                f"{module_label(self)}: decode=True needs a key/value cache, and this layer has "
-                f"none. Call layer.init_cache(batch_shape, max_length) in the definition world, "
-                f"before mx.transform, and pass the resulting variables (with their 'cache' "
-                f"collection) to apply_fn."
-            )
-        *batch, length, _, _ = self.cached_key.shape
+        cached_key, _, index = self._cache()
+        *batch, length, _, _ = cached_key.shape
         t = query.shape[-2]
         if key.shape[-2] != t or query.shape[:-2] != tuple(batch):
             raise errors.InputShapeError(
@@ -751,7 +746,6 @@ class MultiHeadAttention(Module):
                 f"{key.shape}. Give inputs of the cache's batch shape, or call init_cache "
                 f"with the batch shape of the inputs."
             )
-        index = self.cache_index
         try:
             filled = operator.index(index)
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
@@ -764,9 +758,20 @@ class MultiHeadAttention(Module):
             )
         return None
 
+    def _cache(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The cached keys, values and index; an error if ``init_cache`` was never called."""
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise errors.LayerConfigError(
+                f"{module_label(self)}: decode=True needs a key/value cache, and this layer has "
+                f"none. Call layer.init_cache(batch_shape, max_length) in the definition world, "
+                f"before mx.transform, and pass the resulting variables (with their 'cache' "
+                f"collection) to apply_fn."
+            )
+        return self.cached_key, self.cached_value, self.cache_index
+
     def _write_cache(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The caches with ``k``, ``v`` written at ``cache_index``; the States updated."""
-        index, cached_key, cached_value = self.cache_index, self.cached_key, self.cached_value
+        cached_key, cached_value, index = self._cache()
         start = (0,) * (cached_key.ndim - 3) + (index, 0, 0)
         cached_key = lax.dynamic_update_slice(cached_key, cast(k, cached_key.dtype), start)
         cached_value = lax.dynamic_update_slice(cached_value, cast(v, cached_value.dtype), start)
