@@ -35,27 +35,29 @@ from jax import lax
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
+from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, torch_conversions, transposed
-from metoryx.nn._arguments import check_rate, positive_int
-from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
+from metoryx.nn._arguments import check_function, check_rate, positive_int
+from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype, layer_dtype
 from metoryx.nn.dropout import dropout
 
 #: The default initializer of the recurrent kernels: orthogonal rows over all gates at once.
 _DEFAULT_RECURRENT_INIT = initializers.orthogonal()
 
+# The constructor arguments the three cells share (see fill_docstring).
 _CELL_ARGS_DOC = """
-        in_size: size of the last axis of the input.
-        hidden_size: size of the hidden state (and of the output).
-        use_bias: whether to add the two learned biases (PyTorch's ``bias``).
-        input_kernel_init: initializer of ``input_kernel``, of shape
-            ``(in_size, gates * hidden_size)``.
-        recurrent_kernel_init: initializer of ``recurrent_kernel``, of shape
-            ``(hidden_size, gates * hidden_size)``.
-        bias_init: initializer of ``input_bias`` and ``recurrent_bias``, each of shape
-            ``(gates * hidden_size,)``.
-        dtype: the computation dtype (None: inferred from inputs and parameters).
-        param_dtype: the storage dtype of the parameters."""
+in_size: size of the last axis of the input.
+hidden_size: size of the hidden state (and of the output).
+use_bias: whether to add the two learned biases (PyTorch's ``bias``).
+input_kernel_init: initializer of ``input_kernel``, of shape ``(in_size, gates * hidden_size)``.
+recurrent_kernel_init: initializer of ``recurrent_kernel``, of shape
+    ``(hidden_size, gates * hidden_size)``.
+bias_init: initializer of ``input_bias`` and ``recurrent_bias``, each of shape
+    ``(gates * hidden_size,)``.
+dtype: the computation dtype (None: inferred from inputs and parameters).
+param_dtype: the storage dtype of the parameters.
+"""
 
 
 class _Cell(Module):
@@ -63,6 +65,7 @@ class _Cell(Module):
 
     A subclass sets ``_gates`` and ``_carry_doc`` and defines ``_recur(carry, projected,
     dtype)``: one step from the input already projected (``x @ input_kernel + input_bias``).
+    The constructor is the cells' public one (LSTMCell and GRUCell inherit it as it is).
     :class:`RNN` projects the inputs of every time step in one matrix product before it scans
     ``_recur``; a call on one step does both.
     """
@@ -75,19 +78,19 @@ class _Cell(Module):
         self,
         in_size: int,
         hidden_size: int,
-        use_bias: bool,
-        input_kernel_init: Initializer,
-        recurrent_kernel_init: Initializer,
-        bias_init: Initializer,
-        dtype: Any,
-        param_dtype: Any,
+        use_bias: bool = True,
+        input_kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+        recurrent_kernel_init: Initializer = _DEFAULT_RECURRENT_INIT,
+        bias_init: Initializer = initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
     ):
         super().__init__()
         name = type(self).__name__
         self.in_size = positive_int(name, "in_size", in_size)
         self.hidden_size = positive_int(name, "hidden_size", hidden_size)
         self.use_bias = use_bias
-        self.dtype = dtype
+        self.dtype = layer_dtype("_Cell", dtype)
         self.param_dtype = param_dtype
         width = self._gates * self.hidden_size
         self.input_kernel = Parameter(input_kernel_init, (self.in_size, width), param_dtype)
@@ -201,6 +204,7 @@ class _Cell(Module):
         return y if bias is None else add_bias(y, cast(bias, dtype))
 
 
+@fill_docstring(cell_args=_CELL_ARGS_DOC)
 class SimpleRNNCell(_Cell):
     """The Elman recurrent cell: ``h' = activation(x @ input_kernel + input_bias + h @
     recurrent_kernel + recurrent_bias)``, as ``torch.nn.RNNCell``.
@@ -220,12 +224,13 @@ class SimpleRNNCell(_Cell):
     ``mx.initializers.uniform(-b, b)`` with ``b = hidden_size ** -0.5`` as all three
     initializers.
 
-    Args:{args}
+    Args:
+        {cell_args}
         activation: the nonlinearity, a function of one array: ``mx.tanh`` (PyTorch's
             ``nonlinearity="tanh"``) or ``mx.relu`` (``"relu"``), or any other.
 
     Raises:
-        LayerConfigError: if a size is not a positive int.
+        LayerConfigError: if a size is not a positive int or ``activation`` is not callable.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -270,7 +275,7 @@ class SimpleRNNCell(_Cell):
             dtype,
             param_dtype,
         )
-        self.activation = activation
+        self.activation = check_function("SimpleRNNCell", "activation", activation, "mx.tanh")
 
     def extra_repr(self) -> str:
         name = getattr(self.activation, "__name__", type(self.activation).__name__)
@@ -281,6 +286,7 @@ class SimpleRNNCell(_Cell):
         return cast(y, h.dtype), y
 
 
+@fill_docstring(cell_args=_CELL_ARGS_DOC)
 class LSTMCell(_Cell):
     """The long short-term memory cell, as ``torch.nn.LSTMCell``.
 
@@ -295,7 +301,8 @@ class LSTMCell(_Cell):
     ``weight_ih``/``weight_hh`` are the kernels transposed; ``bias_ih``/``bias_hh`` the
     biases. The default initializers are those of :class:`SimpleRNNCell`.
 
-    Args:{args}
+    Args:
+        {cell_args}
 
     Raises:
         LayerConfigError: if a size is not a positive int.
@@ -316,28 +323,6 @@ class LSTMCell(_Cell):
 
     _gates = 4
     _carry_doc = "(h, c)"
-
-    def __init__(
-        self,
-        in_size: int,
-        hidden_size: int,
-        use_bias: bool = True,
-        input_kernel_init: Initializer = DEFAULT_KERNEL_INIT,
-        recurrent_kernel_init: Initializer = _DEFAULT_RECURRENT_INIT,
-        bias_init: Initializer = initializers.zeros,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-    ):
-        super().__init__(
-            in_size,
-            hidden_size,
-            use_bias,
-            input_kernel_init,
-            recurrent_kernel_init,
-            bias_init,
-            dtype,
-            param_dtype,
-        )
 
     def initial_carry(
         self, batch_shape: Sequence[int] = (), dtype: Any = None
@@ -373,6 +358,7 @@ class LSTMCell(_Cell):
         return (cast(new_h, h.dtype), cast(new_c, c.dtype)), new_h
 
 
+@fill_docstring(cell_args=_CELL_ARGS_DOC)
 class GRUCell(_Cell):
     """The gated recurrent unit, as ``torch.nn.GRUCell``.
 
@@ -388,7 +374,8 @@ class GRUCell(_Cell):
     ``weight_ih``/``weight_hh`` are the kernels transposed; ``bias_ih``/``bias_hh`` the
     biases. The default initializers are those of :class:`SimpleRNNCell`.
 
-    Args:{args}
+    Args:
+        {cell_args}
 
     Raises:
         LayerConfigError: if a size is not a positive int.
@@ -409,28 +396,6 @@ class GRUCell(_Cell):
     _gates = 3
     _carry_doc = "h"
 
-    def __init__(
-        self,
-        in_size: int,
-        hidden_size: int,
-        use_bias: bool = True,
-        input_kernel_init: Initializer = DEFAULT_KERNEL_INIT,
-        recurrent_kernel_init: Initializer = _DEFAULT_RECURRENT_INIT,
-        bias_init: Initializer = initializers.zeros,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-    ):
-        super().__init__(
-            in_size,
-            hidden_size,
-            use_bias,
-            input_kernel_init,
-            recurrent_kernel_init,
-            bias_init,
-            dtype,
-            param_dtype,
-        )
-
     def _recur(self, h: jax.Array, projected: jax.Array, dtype: Any) -> tuple[Any, jax.Array]:
         hd = cast(h, dtype)
         xr, xz, xn = jnp.split(projected, 3, axis=-1)
@@ -440,11 +405,6 @@ class GRUCell(_Cell):
         n = jnp.tanh(xn + r * hn)
         new_h = (1 - z) * n + z * hd
         return cast(new_h, h.dtype), new_h
-
-
-for _cell in (SimpleRNNCell, LSTMCell, GRUCell):
-    if _cell.__doc__:  # None under python -OO
-        _cell.__doc__ = _cell.__doc__.replace("Args:{args}", "Args:" + _CELL_ARGS_DOC)
 
 
 def _suffixed(conversions: list[TorchConversion], suffix: str, prefix: str) -> list:

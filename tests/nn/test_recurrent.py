@@ -2,6 +2,7 @@
 load_state_dict, parameter gradients compared through to_state_dict), padded batches against
 running each sequence alone, one scan in the program, transformations, dtypes and errors."""
 
+import inspect
 import re
 
 import jax
@@ -459,6 +460,7 @@ def test_rnn_errors():
     [
         (lambda: SimpleRNNCell(0, 4), "`in_size` must be a positive int"),
         (lambda: LSTMCell(3, 2.5), "`hidden_size` must be a positive int"),
+        (lambda: SimpleRNNCell(3, 4, "tanh"), "`activation` must be a function"),
         (lambda: RNN(jnp.tanh), "`cell` must be a cell module"),
         (lambda: RNN(mx.Dense(3, 4)), "got Dense"),
         (lambda: RNN(GRUCell(3, 4), unroll=0), "`unroll` must be a positive int"),
@@ -486,3 +488,17 @@ def test_rnn_errors():
 def test_config_errors(make, fragment):
     with pytest.raises(mx.errors.LayerConfigError, match=re.escape(fragment)):
         make()
+
+
+@pytest.mark.parametrize("cell", [SimpleRNNCell, LSTMCell, GRUCell])
+def test_cells_show_their_arguments(cell):
+    # LSTMCell and GRUCell inherit the shared constructor: its signature and documented
+    # arguments are theirs, keyword by keyword.
+    parameters = inspect.signature(cell).parameters
+    shared = ["in_size", "hidden_size", "use_bias", "input_kernel_init", "recurrent_kernel_init"]
+    assert [name for name in parameters if name != "activation"][:5] == shared
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters.values())
+    doc = inspect.getdoc(cell)
+    assert "{" not in doc.split("Example:")[0]
+    for name in parameters:
+        assert f"\n    {name}: " in doc
