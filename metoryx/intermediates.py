@@ -82,7 +82,7 @@ def sow(name: str, value: Any) -> Any:
     key = "/".join((*path, name))
     if key in frame.capture.outputs:
         raise errors.LayerConfigError(
-            f"mx.sow({name!r}) in {module_label(module)} gives the key {key!r}, which is "
+            f"mx.sow({name!r}) in {'the model' if module is None else module_label(module)} gives the key {key!r}, which is "
             f"also the path of a sub-module whose output mx.capture records. Rename the sown "
             f"value."
         )

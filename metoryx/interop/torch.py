@@ -83,10 +83,9 @@ def load_state_dict(
             arrays = conversion.to_metoryx(*inputs)
         except Exception:
             arrays = None
-        fits = arrays is not None and all(
+        if arrays is None or not all(
             np.shape(a) == layout.variables[p].shape for a, p in zip(arrays, paths, strict=True)
-        )
-        if not fits:
+        ):
             wrong.append(layout.shape_report(conversion, paths, inputs))
             continue
         for path, array in zip(paths, arrays, strict=True):
@@ -205,7 +204,7 @@ class _Layout:
         lines = ["load_state_dict: the state_dict does not match the model."]
         if missing:
             described = [
-                name if keys[name] is None else f"{name} (for {path_str(keys[name])})"
+                name if (path := keys[name]) is None else f"{name} (for {path_str(path)})"
                 for name in missing
             ]
             lines.append(f"Missing ({len(missing)}): " + ", ".join(described))

@@ -86,9 +86,11 @@ def rematerialized(
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         found = innermost_frame()
-        options = dict(policy=policy, prevent_cse=prevent_cse, static_argnums=static_argnums)
+        checkpoint = functools.partial(
+            jax.checkpoint, policy=policy, prevent_cse=prevent_cse, static_argnums=static_argnums
+        )
         if found is None:  # outside apply_fn: a plain jax.checkpoint
-            return jax.checkpoint(fn, **options)(*args, **kwargs)
+            return checkpoint(fn)(*args, **kwargs)
         region = Region(*found, "mx.checkpoint")
 
         def body(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
@@ -96,7 +98,7 @@ def rematerialized(
                 out = fn(*args, **kwargs)
             return out, {s: child.values[s] for s in child.written}, child.captured
 
-        out, written, captured = jax.checkpoint(body, **options)(*args, **kwargs)
+        out, written, captured = checkpoint(body)(*args, **kwargs)
         region.finish(written, captured)
         return out
 

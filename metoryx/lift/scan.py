@@ -111,7 +111,7 @@ class Scan(Lifted):
         where = f"mx.scan({type(module).__name__})"
         _check_module(where, module)
         self.module = module
-        self.length = _check_length(where, length, required=False)
+        self.length = None if length is None else _check_length(where, length)
         self.variable_axes = check_variable_axes(where, variable_axes, length)
         self.split_rngs = check_split_rngs(where, split_rngs)
         self.reverse = bool(reverse)
@@ -269,7 +269,7 @@ class Repeat(Lifted):
         where = f"mx.Repeat({type(module).__name__})"
         _check_module(where, module)
         self.module = module
-        self.length = _check_length(where, n, required=True)
+        self.length = _check_length(where, n)
         self.remat = bool(remat)
         self.policy = policy
         self.prevent_cse = False
@@ -309,9 +309,7 @@ def _check_module(where: str, module: Any) -> None:
         )
 
 
-def _check_length(where: str, length: Any, required: bool) -> int | None:
-    if length is None and not required:
-        return None
+def _check_length(where: str, length: Any) -> int:
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
         raise errors.LayerConfigError(
             f"{where}: the number of copies/steps must be a positive int, got {length!r}."
