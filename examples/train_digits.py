@@ -52,14 +52,14 @@ class ConvNet(mx.Module):
 
 def load_data():
     """Digits as NHWC float32 images in [0, 1] and int32 labels, split 80/20 by class."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
-    labels = digits.target.astype(np.int32)
+    pixels, target = load_digits(return_X_y=True)  # (1797, 64) in 0..16, (1797,)
+    images = (pixels / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    labels = target.astype(np.int32)
     return train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/digits"), help="output directory")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -144,6 +144,7 @@ def main():
     # Variables are a plain nested dict; store each array under its path.
     np.savez(
         args.out / "variables.npz",
+        allow_pickle=False,
         **{
             "/".join(key.key for key in path): np.asarray(array)
             for path, array in jax.tree_util.tree_leaves_with_path(variables)
