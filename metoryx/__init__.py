@@ -12,9 +12,10 @@ Example:
     (1, 2)
 """
 
-from metoryx import errors, initializers, interop, layout
+from metoryx import errors, initializers, interop, layout, lift, nn
 from metoryx._core.assign import assign_variables
-from metoryx._core.module import Module, module_label
+from metoryx._core.module import Module
+from metoryx._core.override import overridden
 from metoryx._core.rng import PRNGKeys, next_rng_key
 from metoryx._core.transform import Transformed, apply, init, transform
 from metoryx._core.variables import Parameter, State, Variable
@@ -121,12 +122,14 @@ __all__ = [
     "interop",
     "layout",
     "leaky_relu",
+    "lift",
     "log_sigmoid",
     "log_softmax",
     "max_pool",
     "min_pool",
-    "module_label",
     "next_rng_key",
+    "nn",
+    "overridden",
     "relu",
     "relu6",
     "rotary_frequencies",

@@ -1,6 +1,8 @@
 """The public face: every name in ``mx.__all__`` exists, is documented, and shows an example."""
 
+import importlib
 import inspect
+import pkgutil
 
 import pytest
 
@@ -83,3 +85,30 @@ def test_the_dtype_check_covers_the_layers():
 def test_layer_docstrings_explain_dtype_and_param_dtype(name):
     doc = inspect.getdoc(getattr(mx, name))
     assert "computation" in doc and "param_dtype" in doc and "storage" in doc
+
+
+@pytest.mark.parametrize("package", [mx.nn, mx.lift], ids=lambda p: p.__name__)
+def test_subpackage_faces_are_the_top_level_names(package):
+    assert len(package.__all__) == len(set(package.__all__))
+    for name in package.__all__:
+        assert name in mx.__all__, f"{package.__name__}.{name} is missing from mx.__all__"
+        assert getattr(package, name) is getattr(mx, name)
+
+
+def test_every_layer_file_is_reexported_by_mx_nn():
+    unlisted = []
+    for info in pkgutil.iter_modules(mx.nn.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"metoryx.nn.{info.name}")
+        for name, obj in vars(module).items():
+            defined_here = getattr(obj, "__module__", None) == module.__name__
+            if defined_here and not name.startswith("_") and name not in mx.nn.__all__:
+                if inspect.isclass(obj) or inspect.isfunction(obj):
+                    unlisted.append(f"{module.__name__}.{name}")
+    assert unlisted == [], "re-export them in metoryx/nn/__init__.py (or make them private)"
+
+
+def test_internal_helpers_are_not_public():
+    assert not hasattr(mx, "module_label")
+    assert not [name for name in mx.__all__ if name.startswith("_")]

@@ -153,7 +153,8 @@ def module_label(module: Module) -> str:
 
     Example:
         >>> import metoryx as mx
-        >>> mx.module_label(mx.Dense(2, 3))
+        >>> from metoryx._core.module import module_label
+        >>> module_label(mx.Dense(2, 3))
         'Dense'
     """
     binding = module.__dict__.get(BINDING)

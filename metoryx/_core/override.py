@@ -51,12 +51,11 @@ def overridden(module: Module, **values: Any) -> Iterator[None]:
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx._core.override import overridden
         >>> class Doubled(mx.Module):
         ...     def __init__(self):
         ...         self.fc = mx.Dense(2, 2, use_bias=False)
         ...     def __call__(self, x):
-        ...         with overridden(self.fc, kernel=2 * self.fc.kernel):
+        ...         with mx.overridden(self.fc, kernel=2 * self.fc.kernel):
         ...             return self.fc(x)
         >>> init_fn, apply_fn = mx.transform(Doubled())
         >>> variables = init_fn(jax.random.key(0))

@@ -10,6 +10,7 @@ import pytest
 
 import metoryx as mx
 from metoryx import errors
+from metoryx._core.module import module_label
 
 
 def paths(variables):
@@ -359,18 +360,18 @@ def test_module_label_outside_and_inside_apply():
 
     class Inner(mx.Module):
         def __call__(self):
-            labels.append(mx.module_label(self))
+            labels.append(module_label(self))
 
     class Outer(mx.Module):
         def __init__(self):
             self.blocks = [Inner(), Inner()]
 
         def __call__(self):
-            labels.append(mx.module_label(self))
+            labels.append(module_label(self))
             for b in self.blocks:
                 b()
 
     model = Outer()
-    assert mx.module_label(model) == "Outer" and mx.module_label(model.blocks[1]) == "Inner"
+    assert module_label(model) == "Outer" and module_label(model.blocks[1]) == "Inner"
     mx.apply(model)({}, None)
     assert labels == ["Outer (root)", "Inner at 'blocks/0'", "Inner at 'blocks/1'"]
