@@ -25,9 +25,11 @@ __all__ = [
     "MethodError",
     "MetoryxError",
     "MissingRngError",
+    "ModuleAttributeError",
     "ModuleStructureError",
     "PartialAssignmentWarning",
     "RngsTypeError",
+    "StaticArgumentError",
     "TransformBoundaryError",
     "UnsetValueError",
     "VariableDefinitionError",
@@ -51,8 +53,10 @@ class ModuleStructureError(MetoryxError, TypeError):
     """The model's attribute tree cannot be turned into variable paths.
 
     Raised by :func:`metoryx.transform` for a cycle of modules, two container keys that give the
-    same path (``{1: a, "1": b}``), or a variable or module hidden where metoryx does not look (a
-    set, or an object that is not a :class:`metoryx.Module`).
+    same path (``{1: a, "1": b}``), a path part that is empty or holds a separator (``"/"``, or
+    ``"."`` which joins PyTorch names: ``{"a/b": x}`` beside ``{"a": {"b": y}}`` would name two
+    variables alike), or a variable or module hidden where metoryx does not look (a set, or an
+    object that is not a :class:`metoryx.Module`).
 
     Example:
         >>> import metoryx as mx
@@ -73,9 +77,9 @@ class VariableDefinitionError(MetoryxError, TypeError):
     Example:
         >>> import metoryx as mx
         >>> try:
-        ...     mx.Parameter("zeros", (2,))
+        ...     mx.Parameter("zeroes", (2,))
         ... except mx.errors.VariableDefinitionError as e:
-        ...     print("initializer" in str(e))
+        ...     print("Did you mean 'zeros'?" in str(e))
         True
     """
 
@@ -95,7 +99,11 @@ class VariableShapeError(MetoryxError, ValueError):
 
 
 class VariableDtypeError(MetoryxError, TypeError):
-    """An array passed to ``apply_fn`` has a different dtype from the variable it is meant for.
+    """An array has a dtype its variable cannot take.
+
+    Raised by ``apply_fn`` for an array whose dtype differs from its variable's, and by
+    ``Variable.value = ...`` for a value that is not numeric (a string, an object array, a
+    ragged list) or would lose its imaginary part.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -156,6 +164,43 @@ class ImmutableModuleError(MetoryxError, AttributeError):
         ...     apply_fn({}, None, jnp.ones(2))
         ... except mx.errors.ImmutableModuleError as e:
         ...     print("mx.State" in str(e))
+        True
+    """
+
+
+class ModuleAttributeError(MetoryxError, AttributeError):
+    """A module's attribute was read, but the module has none by that name.
+
+    Inside ``apply_fn`` the message names the module's path, so a variable deleted from a
+    layer in the definition world (``del model.fc.bias``) is named where it is missed. It is an
+    ``AttributeError``: ``hasattr`` and ``getattr(module, name, default)`` work as usual.
+
+    Example:
+        >>> import metoryx as mx
+        >>> layer = mx.Dense(2, 2)
+        >>> del layer.bias
+        >>> try:
+        ...     layer.bias
+        ... except mx.errors.ModuleAttributeError as e:
+        ...     print("deleted" in str(e))
+        True
+    """
+
+
+class StaticArgumentError(MetoryxError, TypeError):
+    """A flag that picks a layer's code path (``is_training``) is not a Python bool.
+
+    Usually a traced value: ``jax.jit(apply_fn)`` traces every argument, so a layer cannot
+    branch on ``is_training`` unless it is static: ``jax.jit(apply_fn,
+    static_argnames="is_training")``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> _, apply_fn = mx.transform(mx.Dropout(0.5))
+        >>> try:
+        ...     jax.jit(apply_fn)({}, jax.random.key(0), jnp.ones(4), is_training=True)
+        ... except mx.errors.StaticArgumentError as e:
+        ...     print("static_argnames" in str(e))
         True
     """
 

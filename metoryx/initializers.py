@@ -67,11 +67,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from metoryx._docstrings import fill_docstring
-from metoryx.errors import LayerConfigError
+from metoryx.errors import LayerConfigError, VariableDefinitionError
 
 __all__ = [
     "Initializer",
     "constant",
+    "get",
     "glorot_normal",
     "glorot_uniform",
     "he_normal",
@@ -608,6 +609,78 @@ def orthogonal(scale: float = 1.0, column_axis: int = -1) -> Initializer:
     # Not vectorizable: a batch of QRs may take another algorithm than one QR (cuSOLVER's
     # batched kernels on GPU), so drawing orthogonal kernels together could change their bits.
     return init
+
+
+def get(init: Initializer | str) -> Initializer:
+    """The initializer ``init`` names: a name such as ``"zeros"`` or ``"he_normal"`` gives
+    that initializer with its default settings; an initializer is returned as it is.
+
+    Every :class:`metoryx.Parameter` and :class:`metoryx.State` resolves its ``init`` here, so
+    every layer's ``*_init`` argument takes a name too: ``mx.Dense(3, 4,
+    kernel_init="glorot_uniform")``. The names are those of :data:`NAMES`; initializers that
+    need a setting (``constant``, ``variance_scaling``) have none, pass
+    ``constant(0.1)`` itself.
+
+    Args:
+        init: an initializer ``init(key, shape, dtype) -> jax.Array``, or one of :data:`NAMES`.
+
+    Returns:
+        The initializer.
+
+    Raises:
+        VariableDefinitionError: for an unknown name (the message lists the known ones) or a
+            value that is neither a name nor callable.
+
+    Example:
+        >>> import jax, metoryx as mx
+        >>> mx.initializers.get("ones")(jax.random.key(0), (2,))
+        Array([1., 1.], dtype=float32)
+        >>> mx.initializers.get("he_normal") == mx.initializers.he_normal()
+        True
+    """
+    if isinstance(init, str):
+        factory = _NAMED.get(init)
+        if factory is None:
+            close = difflib.get_close_matches(init, NAMES, n=1)
+            hint = f"Did you mean {close[0]!r}? " if close else ""
+            raise VariableDefinitionError(
+                f"unknown initializer name {init!r}; the names are {', '.join(NAMES)}. {hint}"
+                f"For one with settings, pass the initializer itself, e.g. "
+                f"mx.initializers.normal(0.02) or mx.initializers.constant(0.1)."
+            )
+        return factory if factory in (zeros, ones) else factory()
+    if not callable(init):
+        raise VariableDefinitionError(
+            f"expected an initializer, a function (key, shape, dtype) -> array such as "
+            f"mx.initializers.lecun_normal(), or its name ('zeros', 'lecun_normal', ...); got "
+            f"{type(init).__name__} {init!r:.60}. To start from a given array, keep an "
+            f"initializer and set `.value = array` on the variable."
+        )
+    return init
+
+
+_NAMED: dict[str, Callable[..., Initializer]] = {
+    "zeros": zeros,
+    "ones": ones,
+    "normal": normal,
+    "truncated_normal": truncated_normal,
+    "uniform": uniform,
+    "glorot_uniform": glorot_uniform,
+    "glorot_normal": glorot_normal,
+    "xavier_uniform": xavier_uniform,
+    "xavier_normal": xavier_normal,
+    "lecun_uniform": lecun_uniform,
+    "lecun_normal": lecun_normal,
+    "he_uniform": he_uniform,
+    "he_normal": he_normal,
+    "kaiming_uniform": kaiming_uniform,
+    "kaiming_normal": kaiming_normal,
+    "orthogonal": orthogonal,
+}
+
+#: The names :func:`get` (and so every ``init`` argument) accepts, each the initializer of
+#: that name with its default settings.
+NAMES: tuple[str, ...] = tuple(_NAMED)
 
 
 # The standard deviation of a unit normal cut to [-2, 2].

@@ -68,8 +68,25 @@ def _max_abs(x: jax.Array) -> float:
 
 
 def test_catalogue_covers_the_public_names():
-    public = set(initializers.__all__) - {"Initializer"}
+    public = set(initializers.__all__) - {"Initializer", "get"}
     assert public == set(CATALOGUE) | set(ALIASES)
+
+
+@pytest.mark.parametrize("name", initializers.NAMES)
+def test_get_gives_the_initializer_of_each_name_with_its_defaults(name):
+    made = initializers.get(name)
+    factory = getattr(initializers, name)
+    expected = factory if name in ("zeros", "ones") else factory()
+    np.testing.assert_array_equal(made(KEY, SHAPE), expected(KEY, SHAPE))
+    assert initializers.get(made) is made
+
+
+def test_get_lists_the_names_for_an_unknown_one_and_refuses_non_callables():
+    with pytest.raises(errors.VariableDefinitionError, match="Did you mean 'he_normal'") as info:
+        initializers.get("he_norml")
+    assert all(name in str(info.value) for name in initializers.NAMES)
+    with pytest.raises(errors.VariableDefinitionError, match="got NoneType None"):
+        initializers.get(None)
 
 
 @pytest.mark.parametrize("alias, name", ALIASES.items())

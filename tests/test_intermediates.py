@@ -262,6 +262,18 @@ def test_a_sown_key_equal_to_a_captured_output_path_is_refused():
         mx.capture(mx.apply(model), outputs="fc")(variables, None, X)
 
 
+@pytest.mark.parametrize("name", ["a/b", "", 3, None])
+def test_a_sow_name_that_is_no_plain_name_is_refused_captured_or_not(name):
+    class Net(mx.Module):
+        def __call__(self, x):
+            return mx.sow(name, x)
+
+    for fn in (mx.apply(Net()), mx.capture(mx.apply(Net()))):
+        with pytest.raises(errors.LayerConfigError, match="non-empty str without '/'") as info:
+            fn({}, None, X)
+        assert repr(name) in str(info.value)
+
+
 class RawVmapSow(mx.Module):
     def __call__(self, xs):
         return jax.vmap(lambda x: mx.sow("h", 2 * x))(xs)

@@ -10,7 +10,28 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from metoryx import errors
+
 Path = tuple[str, ...]
+
+#: What a path part cannot hold: ``/`` joins the parts of a path (``params/fc/kernel``: the
+#: text of error messages and the hash of init keys) and ``.`` joins PyTorch ``state_dict``
+#: names (``fc.weight``). A dict key ``"a/b"`` beside ``{"a": {"b": ...}}`` would otherwise
+#: name two variables alike, and one would silently take the other's key or entry.
+SEPARATORS = ("/", ".")
+
+
+def part_problem(part: str) -> str | None:
+    """Why ``part`` cannot be a path part (it is empty or holds a separator), else None."""
+    if not part:
+        return "an empty name"
+    for sep in SEPARATORS:
+        if sep in part:
+            return (
+                f"{part!r}, which holds {sep!r}: '/' joins path parts and '.' PyTorch names, "
+                f"so it could name two variables alike"
+            )
+    return None
 
 
 def path_str(path: Iterable[str]) -> str:
@@ -37,6 +58,12 @@ def flatten_variables(variables: Mapping[str, Any]) -> dict[Path, Any]:
             path = (*prefix, str(key))
             if isinstance(value, Mapping):
                 visit(value, path)
+            elif path in flat:
+                raise errors.VariablesStructureError(
+                    f"Two keys of `variables` give the path {path_str(path)!r} (e.g. 1 and "
+                    f"'1'), so one array would silently replace the other. Key each level by "
+                    f"the str names init_fn uses."
+                )
             else:
                 flat[path] = value
 

@@ -8,6 +8,7 @@ its starting value instead (a pretrained kernel, a zero start).
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -15,12 +16,60 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metoryx import errors
+from metoryx import errors, initializers
+from metoryx._core.paths import part_problem
 from metoryx.initializers import Initializer
 
 
 def _shape_str(shape: Sequence[int], dtype: Any) -> str:
     return f"{jnp.dtype(dtype).name}[{', '.join(map(str, shape))}]"
+
+
+def numeric_dtype(dtype: Any) -> np.dtype[Any] | None:
+    """``dtype`` as a NumPy dtype if it is one a JAX array can hold (bool, integer, floating,
+    complex, including bfloat16 and the float8 types), else None (object, str, bytes,
+    datetime, structured dtypes, and anything that is no dtype)."""
+    try:
+        found = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        return None
+    return found if found == np.bool_ or jnp.issubdtype(found, jnp.number) else None
+
+
+def _dtype_kind(dtype: Any) -> str:
+    try:
+        return f"{np.dtype(dtype).name} values"
+    except (TypeError, ValueError):
+        return "values of an unknown type"
+
+
+def _argument_label(kind: str, name: str, value: Any, fits: Callable[[str], bool]) -> str:
+    """How an error names a bad argument of a variable: by the layer argument it came from.
+
+    Layers pass their ``*_init`` and ``param_dtype`` arguments on to the variables they build,
+    so the argument the user got wrong is one of a module ``__init__`` on the call stack whose
+    value *is* the bad one (the outermost such, as the user wrote it). ``fits`` filters the
+    argument names (``*_init``, ``*dtype*``) so that an int equal by identity to a size is not
+    taken for it. Error path only: it walks the call stack.
+    """
+    from metoryx._core.module import Module  # module.py builds on this file
+
+    found: list[str] = []
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        owner = frame.f_locals.get("self") if code.co_name == "__init__" else None
+        if isinstance(owner, Module):
+            arguments = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
+            for argument in arguments:
+                if fits(argument) and frame.f_locals.get(argument) is value:
+                    found.append(f"{type(owner).__name__}: `{argument}`")
+                    break
+        frame = frame.f_back
+    if not found:
+        return f"{kind}: `{name}`"
+    inner = f" (passed on to {found[0]})" if len(found) > 1 else ""
+    return f"{found[-1]}{inner}"
 
 
 # What type checkers see: a variable *is* a jax.Array, because that is what module code reads
@@ -71,18 +120,17 @@ class Variable(_ArrayInModuleCode):
         **metadata: Any,
     ):
         kind = type(self).__name__
-        if not isinstance(collection, str) or not collection:
+        if not isinstance(collection, str) or part_problem(collection):
             raise errors.VariableDefinitionError(
-                f"{kind}: the collection must be a non-empty string such as 'batch_stats', "
-                f"got {collection!r}."
+                f"{kind}: the collection must be a non-empty string without '/' or '.' such "
+                f"as 'batch_stats', got {collection!r}. Name it as a top-level key of "
+                f"`variables`."
             )
-        if not callable(init):
-            raise errors.VariableDefinitionError(
-                f"{kind}: `init` must be an initializer, a function (key, shape, dtype) -> "
-                f"array such as mx.initializers.zeros or mx.initializers.lecun_normal(); "
-                f"got {init!r}. To start from a given array, describe the variable with any "
-                f"initializer and set `.value = array`."
-            )
+        try:
+            resolved = initializers.get(init)
+        except errors.VariableDefinitionError as e:
+            where = _argument_label(kind, "init", init, lambda name: name.endswith("init"))
+            raise errors.VariableDefinitionError(f"{where}: {e}") from None
         try:
             shape = tuple(operator.index(d) for d in shape)
         except TypeError:
@@ -93,14 +141,17 @@ class Variable(_ArrayInModuleCode):
             raise errors.VariableDefinitionError(
                 f"{kind}: `shape` must not contain negative sizes, got {shape}."
             )
-        try:
-            dtype = jnp.dtype(dtype)
-        except TypeError:
+        numeric = numeric_dtype(dtype)
+        if numeric is None:
+            where = _argument_label(kind, "dtype", dtype, lambda name: "dtype" in name)
             raise errors.VariableDefinitionError(
-                f"{kind}: `dtype` must be a dtype such as jnp.float32, got {dtype!r}."
-            ) from None
+                f"{where}: expected a numeric or bool dtype such as jnp.float32, jnp.bfloat16 "
+                f"or jnp.int32, got {dtype!r}: a variable holds a JAX array, which cannot hold "
+                f"{_dtype_kind(dtype)}. Pass one of those dtypes."
+            )
+        dtype = numeric
         self.collection = collection
-        self.init = init
+        self.init = resolved
         self._shape: tuple[int, ...] = shape
         self._dtype: np.dtype[Any] = dtype
         self.mutable = bool(mutable)
@@ -136,6 +187,10 @@ class Variable(_ArrayInModuleCode):
         if value is None:
             self._value = None
             return
+        if not isinstance(value, jax.Array):
+            value = self._as_numeric_array(value)
+        elif jnp.iscomplexobj(value) and not jnp.issubdtype(self.dtype, jnp.complexfloating):
+            raise self._complex_value_error(value.dtype)
         shape = tuple(np.shape(value))
         if shape != self.shape:
             raise errors.VariableShapeError(
@@ -149,6 +204,33 @@ class Variable(_ArrayInModuleCode):
             # A copy: on CPU jnp.asarray aliases a 64-byte aligned NumPy buffer, and a later
             # in-place edit of the caller's array must not change the fixed value.
             self._value = jnp.array(value, dtype=self.dtype)
+
+    def _as_numeric_array(self, value: Any) -> np.ndarray:
+        """``value`` as a NumPy array of numbers or bools, else a VariableDtypeError."""
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError, RuntimeError) as e:  # a ragged list, a non-array
+            raise errors.VariableDtypeError(
+                f"{self!r}: `.value` must be an array of shape {self.shape}, got "
+                f"{type(value).__name__} {value!r:.60}, which does not make an array ({e}). "
+                f"Give a jax.Array or NumPy array, or nested lists of equal lengths."
+            ) from None
+        if numeric_dtype(array.dtype) is None:
+            raise errors.VariableDtypeError(
+                f"{self!r}: `.value` must hold numbers, got {type(value).__name__} "
+                f"{value!r:.60} (an array of {_dtype_kind(array.dtype)}). Give an array of "
+                f"numbers of shape {self.shape}."
+            )
+        if np.iscomplexobj(array) and not jnp.issubdtype(self.dtype, jnp.complexfloating):
+            raise self._complex_value_error(array.dtype)
+        return array
+
+    def _complex_value_error(self, dtype: Any) -> errors.VariableDtypeError:
+        return errors.VariableDtypeError(
+            f"{self!r}: `.value` is complex ({np.dtype(dtype).name}) and the variable is "
+            f"{self.dtype.name}, so the cast would drop the imaginary part. Pass the real part "
+            f"(jnp.real(value)), or declare the variable with a complex dtype."
+        )
 
     @property
     def has_value(self) -> bool:

@@ -4,12 +4,15 @@ default kernel initializer."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from metoryx import initializers
+from metoryx import errors, initializers
+from metoryx._core.variables import numeric_dtype
 
 #: The default kernel initializer of Dense, Conv, ConvTranspose and MLP: LeCun normal.
 DEFAULT_KERNEL_INIT = initializers.lecun_normal()
@@ -29,6 +32,43 @@ def compute_dtype(dtype: Any, *arrays: jax.Array | None) -> jnp.dtype:
         return dtypes.pop()
     with jax.numpy_dtype_promotion("standard"):
         return functools.reduce(jnp.promote_types, dtypes)
+
+
+def layer_dtype(layer: str, dtype: Any) -> Any:
+    """A layer's ``dtype`` argument (its computation dtype) as given, if it is None (inferred
+    from the inputs) or a dtype a JAX array can hold; else a LayerConfigError."""
+    if dtype is None or numeric_dtype(dtype) is not None:
+        return dtype
+    raise errors.LayerConfigError(
+        f"{layer}: `dtype` is the dtype the layer computes in and must be None (inferred from "
+        f"the inputs and parameters) or a numeric dtype such as jnp.float32 or jnp.bfloat16, "
+        f"got {dtype!r}. Pass one of those."
+    )
+
+
+def training_flag(is_training: Any, label: Callable[[], str], name: str = "is_training") -> bool:
+    """``is_training`` as a Python bool, for a layer that picks its code path with it.
+
+    A traced flag (``jax.jit(apply_fn)`` without ``static_argnames``) or anything but a bool
+    (a string such as ``"False"`` is truthy) raises a StaticArgumentError naming the layer
+    (``label()``, called on the error path only) and the fix.
+    """
+    if is_training is True or is_training is False:
+        return is_training
+    if isinstance(is_training, jax.core.Tracer):
+        raise errors.StaticArgumentError(
+            f"{label()}: `{name}` is a traced value, so the layer cannot choose between its "
+            f"training and evaluation code: jax.jit traces every argument of apply_fn. Make it "
+            f"static: jax.jit(apply_fn, static_argnames={name!r}) (the same for a step "
+            f"function that passes it on)."
+        )
+    array_like = isinstance(is_training, (np.bool_, np.ndarray, jax.Array))
+    if array_like and is_training.shape == () and is_training.dtype == np.bool_:
+        return bool(is_training)  # a NumPy bool, or a concrete 0-d bool array
+    raise errors.StaticArgumentError(
+        f"{label()}: `{name}` must be a bool (True in training, False in evaluation), got "
+        f"{type(is_training).__name__} {is_training!r:.40}. Pass {name}=True or False."
+    )
 
 
 def at_least_float32(dtype: Any) -> jnp.dtype:

@@ -64,7 +64,7 @@ from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.nn._arguments import positive_int
-from metoryx.nn._compute import cast, compute_dtype
+from metoryx.nn._compute import cast, compute_dtype, layer_dtype
 
 __all__ = [
     "PReLU",
@@ -128,7 +128,7 @@ class PReLU(Module):
     ):
         super().__init__()
         self.size = positive_int("PReLU", "size", size)
-        self.dtype = dtype
+        self.dtype = layer_dtype("PReLU", dtype)
         self.weight = Parameter(initializers.constant(init_value), (self.size,), param_dtype)
 
     def extra_repr(self) -> str:

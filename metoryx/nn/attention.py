@@ -33,7 +33,13 @@ from metoryx._core.variables import State
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, metoryx_only, same, transposed
 from metoryx.nn._arguments import check_rate, check_timescale, positive_int
-from metoryx.nn._compute import DEFAULT_KERNEL_INIT, cast, compute_dtype
+from metoryx.nn._compute import (
+    DEFAULT_KERNEL_INIT,
+    cast,
+    compute_dtype,
+    layer_dtype,
+    training_flag,
+)
 from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
 from metoryx.nn.positional import apply_rotary
@@ -502,7 +508,7 @@ class MultiHeadAttention(Module):
         self.dropout_rate = check_rate(name, "dropout_rate", dropout_rate)
         self.use_bias = use_bias
         self.rotary = rotary
-        self.dtype = dtype
+        self.dtype = layer_dtype("MultiHeadAttention", dtype)
         self.param_dtype = param_dtype
         kv_size = self.num_kv_heads * self.head_dim
         dense = functools.partial(
@@ -711,7 +717,9 @@ class MultiHeadAttention(Module):
             bias,
             is_causal,
             causal_offset=index,
-            dropout_rate=self.dropout_rate if is_training else 0.0,
+            dropout_rate=(
+                self.dropout_rate if training_flag(is_training, lambda: module_label(self)) else 0.0
+            ),
             dtype=self.dtype,
         )
         if overflow is not None:

@@ -24,7 +24,13 @@ from metoryx.nn._arguments import (
     positive_int,
     window_sizes,
 )
-from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
+from metoryx.nn._compute import (
+    DEFAULT_KERNEL_INIT,
+    add_bias,
+    cast,
+    compute_dtype,
+    layer_dtype,
+)
 
 
 def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
@@ -107,7 +113,7 @@ class Conv(Module):
         self.dilation = window_sizes("Conv", "dilation", dilation, ndim)
         self.groups = _groups("Conv", self.in_size, self.out_size, groups)
         self.use_bias = use_bias
-        self.dtype = dtype
+        self.dtype = layer_dtype("Conv", dtype)
         kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
         self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)
         self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
@@ -262,7 +268,7 @@ class ConvTranspose(Module):
                 )
         self.groups = _groups(name, self.in_size, self.out_size, groups)
         self.use_bias = use_bias
-        self.dtype = dtype
+        self.dtype = layer_dtype("ConvTranspose", dtype)
         kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
         self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)
         self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None

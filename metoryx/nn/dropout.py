@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from metoryx._core.module import Module
+from metoryx._core.module import Module, function_label
 from metoryx._core.rng import next_rng_key
+from metoryx.nn._compute import training_flag
 from metoryx.nn._arguments import check_rate
 
 
@@ -51,7 +52,7 @@ def dropout(
         True
     """
     check_rate("dropout", "rate", rate)
-    if not is_training or rate == 0.0:
+    if not training_flag(is_training, lambda: function_label("dropout")) or rate == 0.0:
         return x
     if rate == 1.0:
         return jnp.zeros_like(x)

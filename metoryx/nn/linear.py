@@ -16,7 +16,13 @@ from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, transposed
 from metoryx.nn._arguments import positive_int
-from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
+from metoryx.nn._compute import (
+    DEFAULT_KERNEL_INIT,
+    add_bias,
+    cast,
+    compute_dtype,
+    layer_dtype,
+)
 
 #: The default table initializer of Embed: ``N(0, 1)``, as ``torch.nn.Embedding``.
 _DEFAULT_EMBEDDING_INIT = initializers.normal()
@@ -62,7 +68,7 @@ class Dense(Module):
         self.in_size = positive_int("Dense", "in_size", in_size)
         self.out_size = positive_int("Dense", "out_size", out_size)
         self.use_bias = use_bias
-        self.dtype = dtype
+        self.dtype = layer_dtype("Dense", dtype)
         self.kernel = Parameter(kernel_init, (self.in_size, self.out_size), param_dtype)
         self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
 
@@ -165,7 +171,7 @@ class Einsum(Module):
         self.bias_shape = None if bias_shape is None else _sizes("bias_shape", bias_shape)
         if self.bias_shape is not None:
             _check_bias_shape(self.spec, self.subscripts, self.shape, self.bias_shape)
-        self.dtype = dtype
+        self.dtype = layer_dtype("Einsum", dtype)
         if kernel_init is None:
             kernel_init = _einsum_lecun_normal(self.subscripts)
         self.kernel = Parameter(kernel_init, self.shape, param_dtype)
@@ -385,7 +391,7 @@ class Embed(Module):
         super().__init__()
         self.num_embeddings = positive_int("Embed", "num_embeddings", num_embeddings)
         self.features = positive_int("Embed", "features", features)
-        self.dtype = dtype
+        self.dtype = layer_dtype("Embed", dtype)
         self.embedding = Parameter(
             embedding_init, (self.num_embeddings, self.features), param_dtype
         )

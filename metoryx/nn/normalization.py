@@ -18,7 +18,13 @@ from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, torch_only
 from metoryx.nn._arguments import positive_int
-from metoryx.nn._compute import at_least_float32, cast, compute_dtype
+from metoryx.nn._compute import (
+    at_least_float32,
+    cast,
+    compute_dtype,
+    layer_dtype,
+    training_flag,
+)
 
 
 class BatchNorm(Module):
@@ -101,7 +107,7 @@ class BatchNorm(Module):
         self.momentum = momentum
         self.epsilon = epsilon
         self.axis_name = axis_name
-        self.dtype = dtype
+        self.dtype = layer_dtype("BatchNorm", dtype)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
         self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
         stats_dtype = at_least_float32(param_dtype)
@@ -155,7 +161,7 @@ class BatchNorm(Module):
         # Per-feature vectors take the rank of x (size-1 axes) to broadcast under
         # jax_numpy_rank_promotion="raise".
         feature_shape = (1,) * (len(shape) - 1) + (self.size,)
-        if is_training:
+        if training_flag(is_training, lambda: module_label(self)):
             centered, var = self._center_with_batch_statistics(x_stats, shape)
         else:
             mean = cast(self.mean, stats_dtype).reshape(feature_shape)
@@ -248,7 +254,7 @@ class LayerNorm(Module):
         super().__init__()
         self.size = positive_int("LayerNorm", "size", size)
         self.epsilon = epsilon
-        self.dtype = dtype
+        self.dtype = layer_dtype("LayerNorm", dtype)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
         self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
 
@@ -320,7 +326,7 @@ class RMSNorm(Module):
         super().__init__()
         self.size = positive_int("RMSNorm", "size", size)
         self.epsilon = epsilon
-        self.dtype = dtype
+        self.dtype = layer_dtype("RMSNorm", dtype)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
 
     def extra_repr(self) -> str:
@@ -425,7 +431,7 @@ class GroupNorm(Module):
                 f"the divisors of {self.size}: {divisors}."
             )
         self.epsilon = epsilon
-        self.dtype = dtype
+        self.dtype = layer_dtype("GroupNorm", dtype)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
         self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
 
@@ -528,7 +534,7 @@ class InstanceNorm(Module):
         super().__init__()
         self.size = positive_int("InstanceNorm", "size", size)
         self.epsilon = epsilon
-        self.dtype = dtype
+        self.dtype = layer_dtype("InstanceNorm", dtype)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
         self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
 

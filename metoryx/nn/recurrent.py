@@ -39,7 +39,13 @@ from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, torch_conversions, transposed
 from metoryx.nn._arguments import check_function, check_rate, positive_int
-from metoryx.nn._compute import DEFAULT_KERNEL_INIT, add_bias, cast, compute_dtype
+from metoryx.nn._compute import (
+    DEFAULT_KERNEL_INIT,
+    add_bias,
+    cast,
+    compute_dtype,
+    layer_dtype,
+)
 from metoryx.nn.dropout import dropout
 
 #: The default initializer of the recurrent kernels: orthogonal rows over all gates at once.
@@ -90,7 +96,7 @@ class _Cell(Module):
         self.in_size = positive_int(name, "in_size", in_size)
         self.hidden_size = positive_int(name, "hidden_size", hidden_size)
         self.use_bias = use_bias
-        self.dtype = dtype
+        self.dtype = layer_dtype(type(self).__name__, dtype)
         self.param_dtype = param_dtype
         width = self._gates * self.hidden_size
         self.input_kernel = Parameter(input_kernel_init, (self.in_size, width), param_dtype)

@@ -33,13 +33,13 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
-from metoryx._core.module import Module
+from metoryx._core.module import Module, module_label
 from metoryx._core.override import overridden
 from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, torch_conversions
 from metoryx.nn._arguments import positive_int
-from metoryx.nn._compute import at_least_float32, cast, compute_dtype
+from metoryx.nn._compute import at_least_float32, cast, compute_dtype, training_flag
 
 #: The weight a wrapper takes by default, in order of preference, with its output axis.
 _OUTPUT_AXES = {"kernel": -1, "embedding": 0}
@@ -331,7 +331,7 @@ class SpectralNorm(Module):
         w_wide = cast(w, dtype)
         matrix = jnp.moveaxis(w_wide, self.axis, 0).reshape(w.shape[self.axis], -1)
         u, v = lax.stop_gradient(self.u), lax.stop_gradient(self.v)
-        if is_training:
+        if training_flag(is_training, lambda: module_label(self)):
             frozen = lax.stop_gradient(matrix)
             for _ in range(self.n_power_iterations):
                 u = self._normalize(frozen @ v)

@@ -183,9 +183,81 @@ def test_transform_does_not_touch_the_model():
     assert isinstance(model.layers[0].kernel, mx.Parameter)
 
 
-def test_missing_attribute_is_a_plain_attribute_error():
-    with pytest.raises(AttributeError, match="'Dense' object has no attribute 'weight'"):
+def test_missing_attribute_is_our_attribute_error():
+    with pytest.raises(errors.ModuleAttributeError, match="Dense has no attribute 'weight'"):
         _ = mx.Dense(2, 2).weight
+    assert not hasattr(mx.Dense(2, 2), "weight")
+    assert getattr(mx.Dense(2, 2), "weight", None) is None
+
+
+def test_a_variable_deleted_in_the_definition_world_is_named_where_the_layer_reads_it():
+    class Net(mx.Module):
+        def __init__(self):
+            self.fc = mx.Dense(2, 3)
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    model = Net()
+    del model.fc.bias
+    init_fn, apply_fn = mx.transform(model)
+    variables = init_fn(0)
+    assert set(paths(variables)) == {"params/fc/kernel"}
+    with pytest.raises(errors.ModuleAttributeError) as info:
+        apply_fn(variables, None, jnp.ones((1, 2)))
+    assert isinstance(info.value, AttributeError)
+    message = str(info.value)
+    assert "Dense at 'fc' has no attribute 'bias'" in message and "deleted" in message
+    assert "use_bias=False" in message
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: mx.Dense(2, 3), "a module (Dense)"),
+        (lambda: mx.Parameter(mx.initializers.zeros, (2,)), "a variable"),
+        (lambda: [mx.Dense(2, 3)], "a list holding modules or variables"),
+    ],
+)
+def test_creating_a_layer_or_variable_inside_apply_says_to_create_it_in_init(make, kind):
+    class Lazy(mx.Module):
+        def __call__(self, x):
+            self.fc = make()
+            return x
+
+    with pytest.raises(errors.ImmutableModuleError) as info:
+        mx.apply(Lazy())({}, None, jnp.ones(2))
+    message = str(info.value)
+    assert kind in message and "__init__" in message and "mx.State" not in message
+
+
+@pytest.mark.parametrize(
+    ("holder", "where", "got"),
+    [
+        ({"a/b": 1, "a": {"b": 2}}, "Holder.heads", "'a/b'"),
+        ({"a.b": 1, "a": {"b": 2}}, "Holder.heads", "'a.b'"),
+        ({"": 1}, "Holder.heads", "an empty name"),
+        ({"x": {"a/b": 1}}, "Holder.heads/x", "'a/b'"),
+    ],
+)
+def test_a_dict_key_holding_a_separator_is_an_error(holder, where, got):
+    class Holder(mx.Module):
+        def __init__(self):
+            self.heads = {
+                k: (mx.Dense(2, v) if isinstance(v, int) else {kk: mx.Dense(2, 2) for kk in v})
+                for k, v in holder.items()
+            }
+
+    message = _structure_error(Holder())
+    assert message.startswith(where) and got in message
+
+
+def test_an_attribute_name_holding_a_separator_is_an_error_config_is_not():
+    model = mx.Dense(2, 2)
+    setattr(model, "a.b", 0.5)  # config: no path is made from it
+    mx.transform(model)
+    setattr(model, "c/d", mx.Dense(2, 2))
+    assert "attribute 'c/d'" in _structure_error(model)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import pytest
 
 import metoryx as mx
-from metoryx._core.paths import flatten_variables, key_str, path_str, unflatten_variables
+from metoryx import errors
+from metoryx._core.paths import (
+    flatten_variables,
+    key_str,
+    part_problem,
+    path_str,
+    unflatten_variables,
+)
 
 
 def test_path_str_joins_with_slashes_and_names_the_root():
@@ -25,6 +32,23 @@ def test_key_str_of_str_and_int_keys(key, part):
 @pytest.mark.parametrize("key", [1.0, (1, 2), None, b"a", frozenset()])
 def test_key_str_of_other_keys_is_none(key):
     assert key_str(key) is None
+
+
+@pytest.mark.parametrize(
+    ("part", "problem"), [("a/b", "'/'"), ("fc.weight", "'.'"), ("", "empty"), ("/", "'/'")]
+)
+def test_a_part_that_is_empty_or_holds_a_separator_has_a_problem(part, problem):
+    assert problem in part_problem(part)
+
+
+@pytest.mark.parametrize("part", ["kernel", "0", "-1", "a_b", "a-b", "ünïcode"])
+def test_plain_names_make_parts(part):
+    assert part_problem(part) is None
+
+
+def test_flatten_refuses_two_keys_that_give_the_same_path():
+    with pytest.raises(errors.VariablesStructureError, match="'params/1'"):
+        flatten_variables({"params": {1: jnp.ones(2), "1": jnp.zeros(2)}})
 
 
 def test_flatten_and_unflatten_round_trip():

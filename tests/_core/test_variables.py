@@ -112,13 +112,21 @@ def test_fixed_value_is_what_init_returns_for_any_key_and_clearing_restores_init
 @pytest.mark.parametrize(
     ("args", "match", "got"),
     [
-        (("params", "zeros", (2,)), "initializer", "'zeros'"),
+        (("params", "zeroes", (2,)), "initializer", "'zeroes'"),
+        (("params", 3, (2,)), "initializer", "int 3"),
         (("params", mx.initializers.zeros, (2.5,)), "shape", "(2.5,)"),
         (("params", mx.initializers.zeros, 3), "shape", "got 3"),
         (("params", mx.initializers.zeros, (2, -1)), "negative", "(2, -1)"),
         (("params", mx.initializers.zeros, (2,), "not-a-dtype"), "dtype", "'not-a-dtype'"),
         (("", mx.initializers.zeros, (2,)), "collection", "got ''"),
         ((3, mx.initializers.zeros, (2,)), "collection", "got 3"),
+        (("batch/stats", mx.initializers.zeros, (2,)), "collection", "'batch/stats'"),
+        (("batch.stats", mx.initializers.zeros, (2,)), "collection", "'batch.stats'"),
+        (("params", mx.initializers.zeros, (2,), object), "numeric", "object"),
+        (("params", mx.initializers.zeros, (2,), str), "numeric", "str"),
+        (("params", mx.initializers.zeros, (2,), "U3"), "numeric", "'U3'"),
+        (("params", mx.initializers.zeros, (2,), "i4,i4"), "numeric", "'i4,i4'"),
+        (("params", mx.initializers.zeros, (2,), "datetime64[s]"), "numeric", "datetime64"),
     ],
 )
 def test_bad_descriptions_raise_variable_definition_error(args, match, got):
@@ -129,10 +137,66 @@ def test_bad_descriptions_raise_variable_definition_error(args, match, got):
 
 
 def test_parameter_and_state_validate_like_variable():
-    with pytest.raises(errors.VariableDefinitionError, match="got 'zeros'"):
-        mx.Parameter("zeros", (2,))
+    with pytest.raises(errors.VariableDefinitionError, match="'zeroes'"):
+        mx.Parameter("zeroes", (2,))
     with pytest.raises(errors.VariableDefinitionError, match="collection"):
         mx.State(None, mx.initializers.zeros, (2,))
+
+
+@pytest.mark.parametrize("name", mx.initializers.NAMES)
+def test_an_initializer_may_be_given_by_name(name):
+    assert callable(mx.Parameter(name, (3, 4)).init)
+    array = mx.init(mx.Dense(3, 4, kernel_init=name))(0)["params"]["kernel"]
+    assert array.shape == (3, 4) and array.dtype == jnp.float32
+
+
+def test_an_unknown_initializer_name_names_the_layer_argument_and_the_valid_names():
+    with pytest.raises(errors.VariableDefinitionError) as info:
+        mx.Conv(3, 8, (3, 3), bias_init="zero")
+    message = str(info.value)
+    assert message.startswith("Conv: `bias_init`")
+    assert "Did you mean 'zeros'?" in message and "glorot_uniform" in message
+
+
+def test_a_bad_argument_passed_on_names_the_outer_layer_too():
+    with pytest.raises(errors.VariableDefinitionError) as info:
+        mx.MLP(3, [4], 2, kernel_init=3)
+    assert str(info.value).startswith("MLP: `kernel_init` (passed on to Dense: `kernel_init`)")
+
+
+@pytest.mark.parametrize("dtype", [object, str, "U3", bytes, "datetime64[s]"])
+def test_a_non_numeric_param_dtype_is_refused_naming_the_layer(dtype):
+    with pytest.raises(errors.VariableDefinitionError, match="numeric") as info:
+        mx.LayerNorm(4, param_dtype=dtype)
+    assert str(info.value).startswith("LayerNorm: `param_dtype`")
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ("ab", "must hold numbers"),
+        ([[1.0], [1.0, 2.0]], "does not make an array"),
+        (np.array([1, "a"], dtype=object), "must hold numbers"),
+        (np.array([b"a", b"b"]), "must hold numbers"),
+        ([1 + 2j, 3.0], "imaginary"),
+        (jnp.array([1j, 2.0]), "imaginary"),
+    ],
+)
+def test_a_value_that_is_no_array_of_numbers_is_refused(value, match):
+    p = mx.Parameter(mx.initializers.zeros, (2,))
+    with pytest.raises(errors.VariableDtypeError, match=match) as info:
+        p.value = value
+    assert "Parameter(float32[2])" in str(info.value)
+    assert not p.has_value
+
+
+def test_a_complex_value_fits_a_complex_variable_and_bools_cast():
+    p = mx.Parameter(mx.initializers.zeros, (2,), jnp.complex64)
+    p.value = [1j, 2.0]
+    assert p.value.dtype == jnp.complex64
+    q = mx.Parameter(mx.initializers.zeros, (2,))
+    q.value = np.array([True, False])
+    np.testing.assert_array_equal(q.value, [1.0, 0.0])
 
 
 def test_dtype_of_init_output_follows_the_declaration():
