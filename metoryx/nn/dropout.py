@@ -9,8 +9,8 @@ from jax import lax
 
 from metoryx._core.module import Module, function_label
 from metoryx._core.rng import next_rng_key
-from metoryx.nn._compute import training_flag
 from metoryx.nn._arguments import check_rate
+from metoryx.nn._compute import training_flag
 
 
 def dropout(
