@@ -58,8 +58,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _timing import call_sampler, header, interleaved, markdown, paired, walk_eqns  # noqa: E402
 
 import metoryx as mx  # noqa: E402
-from metoryx.nn.attention import MultiHeadAttention, dot_product_attention  # noqa: E402
-from metoryx.nn.recurrent import RNN, GRUCell, LSTMCell  # noqa: E402
+from metoryx import (  # noqa: E402
+    RNN,
+    GRUCell,
+    LSTMCell,
+    MultiHeadAttention,
+    dot_product_attention,
+)
 
 # PyTorch's OpenMP threads spin while they wait by default; on a machine shared with JAX's
 # threads (and other jobs) that costs it up to 10x. Passive waiting is its fair setting here.

@@ -113,13 +113,13 @@ def dot_product_attention(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from metoryx.nn.attention import dot_product_attention
+        >>> import metoryx as mx
         >>> q = jnp.sin(jnp.arange(320.0)).reshape(2, 5, 4, 8)  # (batch, T, heads, head_dim)
         >>> kv = jnp.cos(jnp.arange(224.0)).reshape(2, 7, 2, 8)  # 2 key/value heads
-        >>> dot_product_attention(q, kv, kv).shape
+        >>> mx.dot_product_attention(q, kv, kv).shape
         (2, 5, 4, 8)
-        >>> out = dot_product_attention(q, kv, kv, is_causal=True, causal_offset=2)
-        >>> bool(jnp.allclose(out[:, -1], dot_product_attention(q[:, -1:], kv, kv)[:, 0]))
+        >>> out = mx.dot_product_attention(q, kv, kv, is_causal=True, causal_offset=2)
+        >>> bool(jnp.allclose(out[:, -1], mx.dot_product_attention(q[:, -1:], kv, kv)[:, 0]))
         True
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
@@ -332,9 +332,8 @@ class RotaryEmbedding(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.attention import MultiHeadAttention, RotaryEmbedding
-        >>> rotary = RotaryEmbedding(max_timescale=10000.0, rotary_dim=4)  # of head_dim 8
-        >>> layer = MultiHeadAttention(4, 32, num_kv_heads=2, rotary=rotary)
+        >>> rotary = mx.RotaryEmbedding(max_timescale=10000.0, rotary_dim=4)  # of head_dim 8
+        >>> layer = mx.MultiHeadAttention(4, 32, num_kv_heads=2, rotary=rotary)
         >>> init_fn, apply_fn = mx.transform(layer)
         >>> x = jnp.ones((2, 6, 32))
         >>> y, _ = apply_fn(init_fn(jax.random.key(0)), None, x, is_causal=True)
@@ -448,8 +447,7 @@ class MultiHeadAttention(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.attention import MultiHeadAttention
-        >>> layer = MultiHeadAttention(num_heads=4, in_size=32, num_kv_heads=2)
+        >>> layer = mx.MultiHeadAttention(num_heads=4, in_size=32, num_kv_heads=2)
         >>> init_fn, apply_fn = mx.transform(layer)
         >>> variables = init_fn(jax.random.key(0))
         >>> variables["params"]["key"]["kernel"].shape  # 2 kv heads of head_dim 8
@@ -567,8 +565,7 @@ class MultiHeadAttention(Module):
 
         Example:
             >>> import jax, jax.numpy as jnp, metoryx as mx
-            >>> from metoryx.nn.attention import MultiHeadAttention
-            >>> layer = MultiHeadAttention(4, 32, num_kv_heads=2)
+            >>> layer = mx.MultiHeadAttention(4, 32, num_kv_heads=2)
             >>> layer.init_cache(batch_shape=3, max_length=10)
             >>> init_fn, apply_fn = mx.transform(layer)
             >>> variables = init_fn(jax.random.key(0))

@@ -155,8 +155,8 @@ class _Cell(Module):
                 ``param_dtype``.
 
         Example:
-            >>> from metoryx.nn.recurrent import GRUCell
-            >>> GRUCell(3, 4).initial_carry((2,)).shape
+            >>> import metoryx as mx
+            >>> mx.GRUCell(3, 4).initial_carry((2,)).shape
             (2, 4)
         """
         if dtype is None:
@@ -240,8 +240,7 @@ class SimpleRNNCell(_Cell):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.recurrent import SimpleRNNCell
-        >>> cell = SimpleRNNCell(3, 4)
+        >>> cell = mx.SimpleRNNCell(3, 4)
         >>> class Step(mx.Module):
         ...     def __init__(self):
         ...         self.cell = cell
@@ -315,8 +314,7 @@ class LSTMCell(_Cell):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.recurrent import LSTMCell
-        >>> cell = LSTMCell(3, 4)
+        >>> cell = mx.LSTMCell(3, 4)
         >>> h, c = cell.initial_carry((2,))
         >>> _, apply_fn = mx.transform(cell)
         >>> variables = mx.init(cell)(jax.random.key(0))
@@ -341,8 +339,8 @@ class LSTMCell(_Cell):
                 ``param_dtype``.
 
         Example:
-            >>> from metoryx.nn.recurrent import LSTMCell
-            >>> [a.shape for a in LSTMCell(3, 4).initial_carry((2,))]
+            >>> import metoryx as mx
+            >>> [a.shape for a in mx.LSTMCell(3, 4).initial_carry((2,))]
             [(2, 4), (2, 4)]
         """
         zeros = super().initial_carry(batch_shape, dtype)
@@ -388,8 +386,7 @@ class GRUCell(_Cell):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.recurrent import GRUCell
-        >>> cell = GRUCell(3, 4)
+        >>> cell = mx.GRUCell(3, 4)
         >>> init_fn, apply_fn = mx.transform(cell)
         >>> variables = init_fn(jax.random.key(0))
         >>> variables["params"]["recurrent_bias"].shape
@@ -469,8 +466,7 @@ class RNN(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.recurrent import RNN, LSTMCell
-        >>> rnn = RNN(LSTMCell(3, 4))
+        >>> rnn = mx.RNN(mx.LSTMCell(3, 4))
         >>> init_fn, apply_fn = mx.transform(rnn)
         >>> variables = init_fn(jax.random.key(0))
         >>> variables["params"]["cell"]["input_kernel"].shape
@@ -651,8 +647,9 @@ class Bidirectional(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.recurrent import RNN, Bidirectional, GRUCell
-        >>> layer = Bidirectional(RNN(GRUCell(3, 4)), RNN(GRUCell(3, 4), reverse=True))
+        >>> layer = mx.Bidirectional(
+        ...     mx.RNN(mx.GRUCell(3, 4)), mx.RNN(mx.GRUCell(3, 4), reverse=True)
+        ... )
         >>> init_fn, apply_fn = mx.transform(layer)
         >>> variables = init_fn(jax.random.key(0))
         >>> sorted(variables["params"])
@@ -769,8 +766,9 @@ class StackedRNN(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.recurrent import RNN, StackedRNN, LSTMCell
-        >>> stack = StackedRNN(RNN(LSTMCell(3, 4)), RNN(LSTMCell(4, 4)), dropout_rate=0.1)
+        >>> stack = mx.StackedRNN(
+        ...     mx.RNN(mx.LSTMCell(3, 4)), mx.RNN(mx.LSTMCell(4, 4)), dropout_rate=0.1
+        ... )
         >>> init_fn, apply_fn = mx.transform(stack)
         >>> variables = init_fn(jax.random.key(0))
         >>> variables["params"]["layers"]["1"]["cell"]["input_kernel"].shape

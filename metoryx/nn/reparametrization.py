@@ -83,8 +83,7 @@ class WeightNorm(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.reparametrization import WeightNorm
-        >>> init_fn, apply_fn = mx.transform(WeightNorm(mx.Dense(3, 4)))
+        >>> init_fn, apply_fn = mx.transform(mx.WeightNorm(mx.Dense(3, 4)))
         >>> variables = init_fn(jax.random.key(0))
         >>> jax.tree.map(jnp.shape, variables)
         {'params': {'layer': {'bias': (4,), 'kernel': (3, 4)}, 'scale': (4,)}}
@@ -146,10 +145,9 @@ class WeightNorm(Module):
 
         Example:
             >>> import jax, jax.numpy as jnp, metoryx as mx
-            >>> from metoryx.nn.reparametrization import WeightNorm
             >>> class TiedLM(mx.Module):
             ...     def __init__(self):
-            ...         self.embed = WeightNorm(mx.Embed(100, 8))
+            ...         self.embed = mx.WeightNorm(mx.Embed(100, 8))
             ...     def __call__(self, ids):
             ...         with self.embed.reparametrized() as embed:
             ...             return embed.attend(embed(ids))
@@ -177,8 +175,7 @@ class WeightNorm(Module):
 
         Example:
             >>> import metoryx as mx
-            >>> from metoryx.nn.reparametrization import WeightNorm
-            >>> for c in WeightNorm(mx.Dense(3, 4)).torch_conversions():
+            >>> for c in mx.WeightNorm(mx.Dense(3, 4)).torch_conversions():
             ...     print(c.torch_keys, c.variables)
             ('parametrizations.weight.original0',) ('scale',)
             ('parametrizations.weight.original1',) ('layer/kernel',)
@@ -231,8 +228,7 @@ class SpectralNorm(Module):
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
-        >>> from metoryx.nn.reparametrization import SpectralNorm
-        >>> init_fn, apply_fn = mx.transform(SpectralNorm(mx.Dense(3, 4)))
+        >>> init_fn, apply_fn = mx.transform(mx.SpectralNorm(mx.Dense(3, 4)))
         >>> variables = init_fn(jax.random.key(0))
         >>> jax.tree.map(jnp.shape, variables["spectral_stats"])
         {'u': (4,), 'v': (3,)}
@@ -313,10 +309,9 @@ class SpectralNorm(Module):
 
         Example:
             >>> import jax, jax.numpy as jnp, metoryx as mx
-            >>> from metoryx.nn.reparametrization import SpectralNorm
             >>> class TiedLM(mx.Module):
             ...     def __init__(self):
-            ...         self.embed = SpectralNorm(mx.Embed(100, 8))
+            ...         self.embed = mx.SpectralNorm(mx.Embed(100, 8))
             ...     def __call__(self, ids, is_training):
             ...         with self.embed.reparametrized(is_training) as embed:
             ...             return embed.attend(embed(ids))
@@ -352,8 +347,7 @@ class SpectralNorm(Module):
 
         Example:
             >>> import metoryx as mx
-            >>> from metoryx.nn.reparametrization import SpectralNorm
-            >>> for c in SpectralNorm(mx.Conv(3, 8, (3, 3))).torch_conversions():
+            >>> for c in mx.SpectralNorm(mx.Conv(3, 8, (3, 3))).torch_conversions():
             ...     print(c.torch_keys, c.variables)
             ('parametrizations.weight.original',) ('layer/kernel',)
             ('parametrizations.weight.0._u',) ('u',)
