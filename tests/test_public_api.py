@@ -2,7 +2,9 @@
 
 import importlib
 import inspect
+import pathlib
 import pkgutil
+import re
 
 import pytest
 
@@ -112,3 +114,19 @@ def test_every_layer_file_is_reexported_by_mx_nn():
 def test_internal_helpers_are_not_public():
     assert not hasattr(mx, "module_label")
     assert not [name for name in mx.__all__ if name.startswith("_")]
+
+
+def test_examples_import_what_users_import():
+    """Examples use ``mx.X`` (or a public module such as ``mx.interop.torch``), never a layer's
+    file or a private module; the docstrings of private modules may show their own names."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    files = [*(root / "metoryx").rglob("*.py"), *(root / "docs").glob("*.md"), root / "README.md"]
+    private = re.compile(r">>> (from|import) metoryx\.(nn|lift|_\w+)\b")
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for path in files
+        if not any(part.startswith("_") and part != "__init__.py" for part in path.parts[-3:])
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert found == []
