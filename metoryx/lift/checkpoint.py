@@ -50,7 +50,8 @@ def checkpoint(
         static_argnums: positional arguments that are Python values, not arrays.
 
     Returns:
-        A module (for a module) or a function with the same signature.
+        For a module, a module (a ``Checkpointed``) whose ``.module`` is ``module_or_fn``; for
+        a function, a function with the same signature.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -106,7 +107,14 @@ def rematerialized(
 
 
 class Checkpointed(Lifted):
-    """A module called under ``jax.checkpoint``; made by :func:`checkpoint`."""
+    """A module called under ``jax.checkpoint``; made by :func:`checkpoint`.
+
+    Attributes:
+        module: the wrapped module, a plain layer in the definition world: edit it, or reach
+            its sub-modules and variables, through this attribute
+            (``model.block.module.layers``). Its variables sit at the wrapper's own path
+            (``block/layers/0/kernel``, not ``block/module/layers/0/kernel``).
+    """
 
     def __init__(
         self, module: Module, policy: Policy, prevent_cse: bool, static_argnums: tuple[int, ...]

@@ -95,7 +95,15 @@ def _length(wrapper: Any, transform: str, xs: Any) -> int:
 
 
 class Scan(Lifted):
-    """A module ``(carry, x) -> (carry, y)`` scanned over a sequence; made by :func:`scan`."""
+    """A module ``(carry, x) -> (carry, y)`` scanned over a sequence; made by :func:`scan`.
+
+    Attributes:
+        module: the wrapped module, a plain layer in the definition world: edit it, or reach
+            its sub-modules and variables, through this attribute
+            (``model.rnn.module.fc``). Its variables sit at the wrapper's own path
+            (``rnn/fc/kernel``, not ``rnn/module/fc/kernel``).
+        length: the number of steps, or None when each call takes it from ``xs``.
+    """
 
     def __init__(
         self,
@@ -183,7 +191,7 @@ def scan(
         policy: with ``remat``, a ``jax.checkpoint_policies`` policy of what to save.
 
     Returns:
-        The wrapping module.
+        The wrapping module (a ``Scan``), whose ``.module`` is ``module``.
 
     Raises:
         LayerConfigError: for an invalid configuration.
@@ -244,6 +252,15 @@ class Repeat(Lifted):
         ``n`` and copy ``i`` gets item ``i`` (a per-layer mask, a per-layer scale);
         ``kwargs`` go to every copy unchanged (e.g. ``is_training=True``).
 
+    Attributes:
+        module: the layer, one template for the ``n`` copies; a plain layer in the definition
+            world. Edit it, or reach its sub-modules and variables, through this attribute
+            (``model.blocks.module.fc``): a change applies to every copy, and a ``.value``
+            fixed on one of its variables is the start of every copy. Its variables sit at
+            the wrapper's own path (``blocks/fc/kernel``, not ``blocks/module/fc/kernel``),
+            with the copies on a leading axis.
+        n: the number of copies.
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> blocks = mx.Repeat(lambda: mx.Dense(4, 4), 6)
@@ -254,6 +271,8 @@ class Repeat(Lifted):
         >>> y, _ = jax.jit(apply_fn)(variables, None, jnp.ones((2, 4)))
         >>> y.shape
         (2, 4)
+        >>> blocks.module.kernel.shape  # the template: one copy's shape
+        (4, 4)
     """
 
     def __init__(

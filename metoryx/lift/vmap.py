@@ -29,7 +29,16 @@ from metoryx._core.paths import path_str
 
 
 class Vmap(Lifted):
-    """A module mapped with ``jax.vmap``; made by :func:`vmap`."""
+    """A module mapped with ``jax.vmap``; made by :func:`vmap`.
+
+    Attributes:
+        module: the wrapped module, a plain layer in the definition world: edit it, or reach
+            its sub-modules and variables, through this attribute
+            (``model.members.module.kernel``). Its variables sit at the wrapper's own path
+            (``members/kernel``, not ``members/module/kernel``).
+        axis_size: the size of the mapped axis, or None when each call takes it from the
+            inputs.
+    """
 
     def __init__(
         self,
@@ -174,7 +183,7 @@ def vmap(
             e.g. ``BatchNorm(axis_name=...)``.
 
     Returns:
-        The wrapping module.
+        The wrapping module (a ``Vmap``), whose ``.module`` is ``module``.
 
     Raises:
         LayerConfigError: for an invalid configuration.
