@@ -146,10 +146,11 @@ def check_divisor(layer: str, name: str, value: Any, **multiples: int) -> int:
         common = math.gcd(*multiples.values())
         choices = [d for d in range(1, common + 1) if common % d == 0]
         sizes = " and ".join(f"{key}={size}" for key, size in multiples.items())
+        both, shared = ("both ", "common ") if len(multiples) > 1 else ("", "")
         raise errors.LayerConfigError(
-            f"{layer}: {name}={count} must divide {sizes}, so that every group is the same "
-            f"size. Choose one of the divisors {choices} ({name}={choices[-1]} is the "
-            f"largest), or change the sizes."
+            f"{layer}: {name}={count} must divide {both}{sizes}, so that every group is the "
+            f"same size. Choose one of the {shared}divisors {choices} ({name}={choices[-1]} is "
+            f"the largest), or change the sizes."
         )
     return count
 

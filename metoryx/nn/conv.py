@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,11 +14,14 @@ from jax import lax
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
+from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, transposed
 from metoryx.nn._arguments import (
     PaddingLike,
+    check_divisor,
     check_window_fits,
+    non_negative_ints,
     parse_padding,
     positive_int,
     window_sizes,
@@ -44,7 +46,63 @@ def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     )
 
 
-class Conv(Module):
+# The arguments Conv and ConvTranspose document alike (see fill_docstring).
+_SIZES_DOC = """
+in_size: number of input channels (the last axis of the input).
+out_size: number of output channels (the last axis of the output).
+kernel_size: window size per spatial axis; an int means one spatial axis.
+"""
+_PARAMETERS_DOC = """
+use_bias: whether to add a learned bias.
+kernel_init: initializer of the kernel, of shape ``(*kernel_size, in_size // groups, out_size)``.
+bias_init: initializer of the bias, of shape ``(out_size,)``.
+dtype: the computation dtype (None: inferred from inputs and parameters).
+param_dtype: the storage dtype of the parameters.
+"""
+
+
+class _Convolution(Module):
+    """What Conv and ConvTranspose share: the checked sizes and window arguments, the kernel
+    ``(*kernel_size, in_size // groups, out_size)`` (one layout for both) and the bias."""
+
+    def _check_window(
+        self,
+        in_size: Any,
+        out_size: Any,
+        kernel_size: Any,
+        strides: Any,
+        padding: Any,
+        dilation: Any,
+        groups: Any,
+    ) -> None:
+        name = type(self).__name__
+        self.in_size = positive_int(name, "in_size", in_size)
+        self.out_size = positive_int(name, "out_size", out_size)
+        self.kernel_size = window_sizes(name, "kernel_size", kernel_size, None)
+        ndim = len(self.kernel_size)
+        self.strides = window_sizes(name, "strides", strides, ndim)
+        self.padding = parse_padding(name, padding, ndim)
+        self.dilation = window_sizes(name, "dilation", dilation, ndim)
+        sizes = {"in_size": self.in_size, "out_size": self.out_size}
+        self.groups = check_divisor(name, "groups", groups, **sizes)
+
+    def _add_parameters(
+        self,
+        use_bias: bool,
+        kernel_init: Initializer,
+        bias_init: Initializer,
+        dtype: Any,
+        param_dtype: Any,
+    ) -> None:
+        self.use_bias = use_bias
+        self.dtype = layer_dtype(type(self).__name__, dtype)
+        kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
+        self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)
+        self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
+
+
+@fill_docstring(conv_sizes=_SIZES_DOC, conv_parameters=_PARAMETERS_DOC)
+class Conv(_Convolution):
     """An N-dimensional convolution over channels-last inputs (cross-correlation, as PyTorch).
 
     The number of spatial axes is ``len(kernel_size)``: ``kernel_size=(3, 3)`` is a 2-d
@@ -52,9 +110,7 @@ class Conv(Module):
     means a **1-d** convolution over ``(*batch, length, in_size)``.
 
     Args:
-        in_size: number of input channels (the last axis of the input).
-        out_size: number of output channels (the last axis of the output).
-        kernel_size: window size per spatial axis; an int means one spatial axis.
+        {conv_sizes}
         strides: step per spatial axis, an int for all of them.
         padding: ``"SAME"`` (output size ``ceil(size / stride)``, the extra padding at the high
             end, as in TensorFlow and Flax; with stride 1 this is PyTorch's ``"same"``),
@@ -65,12 +121,7 @@ class Conv(Module):
         groups: number of channel groups; each group of ``in_size // groups`` input channels
             is convolved with its own ``out_size // groups`` filters. ``groups=in_size`` is a
             depthwise convolution. Must divide both ``in_size`` and ``out_size``.
-        use_bias: whether to add a learned bias.
-        kernel_init: initializer of the kernel, of shape
-            ``(*kernel_size, in_size // groups, out_size)``.
-        bias_init: initializer of the bias, of shape ``(out_size,)``.
-        dtype: the computation dtype (None: inferred from inputs and parameters).
-        param_dtype: the storage dtype of the parameters.
+        {conv_parameters}
 
     Raises:
         LayerConfigError: if a size is not a positive int, a per-axis argument has the wrong
@@ -104,19 +155,8 @@ class Conv(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.in_size = positive_int("Conv", "in_size", in_size)
-        self.out_size = positive_int("Conv", "out_size", out_size)
-        self.kernel_size = window_sizes("Conv", "kernel_size", kernel_size, None)
-        ndim = len(self.kernel_size)
-        self.strides = window_sizes("Conv", "strides", strides, ndim)
-        self.padding = parse_padding("Conv", padding, ndim)
-        self.dilation = window_sizes("Conv", "dilation", dilation, ndim)
-        self.groups = _groups("Conv", self.in_size, self.out_size, groups)
-        self.use_bias = use_bias
-        self.dtype = layer_dtype("Conv", dtype)
-        kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
-        self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)
-        self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
+        self._check_window(in_size, out_size, kernel_size, strides, padding, dilation, groups)
+        self._add_parameters(use_bias, kernel_init, bias_init, dtype, param_dtype)
 
     def extra_repr(self) -> str:
         return _conv_repr(self, {"strides": 1, "padding": "SAME", "dilation": 1, "groups": 1})
@@ -164,21 +204,36 @@ class Conv(Module):
         return y if bias is None else add_bias(y, cast(bias, dtype))
 
 
-class ConvTranspose(Module):
+@fill_docstring(conv_sizes=_SIZES_DOC, conv_parameters=_PARAMETERS_DOC)
+class ConvTranspose(_Convolution):
     """An N-dimensional transposed convolution over channels-last inputs, as PyTorch's
     ``ConvTranspose1d/2d/3d``.
 
     The gradient of :class:`Conv` with respect to its input: each input position ``i``
-    scatters ``x[i] * kernel[j]`` to output position ``i * strides + j * dilation - padding``.
-    Along each spatial axis the output has size::
+    scatters ``x[i] * kernel[j]`` to output position ``i * strides + j * dilation - low``,
+    ``low`` being what ``padding`` crops at the low end. With an int ``padding`` (PyTorch's),
+    along each spatial axis the output has size::
 
         (size - 1) * strides - 2 * padding + dilation * (kernel_size - 1) + output_padding + 1
 
-    ``padding`` crops that many positions from both ends of the full output, and
-    ``output_padding`` adds positions at the high end only: when ``strides > 1``, several
-    input sizes of a :class:`Conv` give the same output size, and ``output_padding`` picks
-    which of them the transposed convolution returns to. ``kernel_size=4, strides=2,
-    padding=1`` doubles the size.
+    ``padding`` says what to crop from the ends of the full output: an int ``p`` crops ``p``
+    positions from both ends, a ``(low, high)`` pair ``low`` and ``high``, and then
+    ``ConvTranspose(..., padding=P)`` is the transpose of ``Conv(..., padding=P)`` with the
+    same strides and dilation. ``"SAME"`` and ``"VALID"`` mean what they mean to
+    ``jax.lax.conv_transpose`` and Flax's ``ConvTranspose``: ``"SAME"`` leaves
+    ``size * strides`` positions, ``"VALID"`` crops nothing (and where the stride exceeds the
+    kernel's extent ``dilation * (kernel_size - 1) + 1``, adds zeros at the high end up to
+    ``size * strides``). ``output_padding`` adds positions at the high end only: when
+    ``strides > 1``, several input sizes of a :class:`Conv` give the same output size, and
+    ``output_padding`` picks which of them the transposed convolution returns to.
+    ``kernel_size=4, strides=2, padding=1`` doubles the size, as ``padding="SAME"`` does with
+    ``strides=2`` and any kernel size.
+
+    Flax's ``ConvTranspose`` does not flip its kernel unless ``transpose_kernel=True``; this
+    layer does, as PyTorch: for ``groups=1`` it computes ``jax.lax.conv_transpose(x,
+    jnp.swapaxes(kernel, -1, -2), strides, padding, rhs_dilation=dilation,
+    transpose_kernel=True)``, and a kernel ``k`` of Flax's default is ours as
+    ``jnp.flip(k, range(ndim))``.
 
     **Kernel layout.** ``params["kernel"]`` has shape
     ``(*kernel_size, in_size // groups, out_size)``, the same layout as :class:`Conv` (output
@@ -194,29 +249,24 @@ class ConvTranspose(Module):
     is LeCun normal over that layout, ``fan_in = prod(kernel_size) * in_size // groups``.
 
     Args:
-        in_size: number of input channels (the last axis of the input).
-        out_size: number of output channels (the last axis of the output).
-        kernel_size: window size per spatial axis; an int means one spatial axis.
+        {conv_sizes}
         strides: step per spatial axis in the output, an int for all of them.
-        padding: positions cropped from both ends of each spatial axis of the output, an int
-            for all of them or one per spatial axis (PyTorch's ``padding``).
+        padding: what to crop from the ends of each spatial axis of the full output (see
+            above): ``"SAME"``, ``"VALID"``, an int ``p`` (``p`` from both ends of every
+            spatial axis, PyTorch's ``padding=p``), one int per spatial axis, or one
+            ``(low, high)`` pair per spatial axis.
         dilation: kernel dilation per spatial axis, an int for all of them.
         output_padding: positions added at the high end of each spatial axis of the output,
             an int or one per spatial axis; each must be smaller than that axis's stride or
             its dilation (PyTorch's rule).
         groups: number of channel groups; each group of ``in_size // groups`` input channels
             makes its own ``out_size // groups`` output channels. Must divide both sizes.
-        use_bias: whether to add a learned bias.
-        kernel_init: initializer of the kernel, of shape
-            ``(*kernel_size, in_size // groups, out_size)``.
-        bias_init: initializer of the bias, of shape ``(out_size,)``.
-        dtype: the computation dtype (None: inferred from inputs and parameters).
-        param_dtype: the storage dtype of the parameters.
+        {conv_parameters}
 
     Raises:
         LayerConfigError: if a size is not a positive int, a per-axis argument has the wrong
-            length, a padding is negative, an ``output_padding`` is not smaller than its
-            stride or dilation, or ``groups`` does not divide both sizes.
+            length, the padding is malformed or negative, an ``output_padding`` is not
+            smaller than its stride or dilation, or ``groups`` does not divide both sizes.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -236,7 +286,7 @@ class ConvTranspose(Module):
         out_size: int,
         kernel_size: int | Sequence[int],
         strides: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: PaddingLike = 0,
         dilation: int | Sequence[int] = 1,
         output_padding: int | Sequence[int] = 0,
         groups: int = 1,
@@ -247,15 +297,9 @@ class ConvTranspose(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        name = "ConvTranspose"
-        self.in_size = positive_int(name, "in_size", in_size)
-        self.out_size = positive_int(name, "out_size", out_size)
-        self.kernel_size = window_sizes(name, "kernel_size", kernel_size, None)
-        ndim = len(self.kernel_size)
-        self.strides = window_sizes(name, "strides", strides, ndim)
-        self.padding = _non_negative_ints(name, "padding", padding, ndim)
-        self.dilation = window_sizes(name, "dilation", dilation, ndim)
-        self.output_padding = _non_negative_ints(name, "output_padding", output_padding, ndim)
+        self._check_window(in_size, out_size, kernel_size, strides, padding, dilation, groups)
+        name, ndim = "ConvTranspose", len(self.kernel_size)
+        self.output_padding = non_negative_ints(name, "output_padding", output_padding, ndim)
         for axis, (extra, s, d) in enumerate(
             zip(self.output_padding, self.strides, self.dilation, strict=True)
         ):
@@ -266,12 +310,7 @@ class ConvTranspose(Module):
                     f"output_padding {extra}, stride {s} and dilation {d}. Use output_padding "
                     f"below {max(s, d)} there (it only picks among the sizes a stride makes)."
                 )
-        self.groups = _groups(name, self.in_size, self.out_size, groups)
-        self.use_bias = use_bias
-        self.dtype = layer_dtype("ConvTranspose", dtype)
-        kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
-        self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)
-        self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None
+        self._add_parameters(use_bias, kernel_init, bias_init, dtype, param_dtype)
 
     def extra_repr(self) -> str:
         defaults = {"strides": 1, "padding": 0, "dilation": 1, "output_padding": 0, "groups": 1}
@@ -313,29 +352,29 @@ class ConvTranspose(Module):
         x = _channels_last_input(self, x)
         ndim = len(self.kernel_size)
         # A convolution of the input dilated by the strides, with the kernel flipped, padded
-        # so that every position a kernel tap reaches is kept (then cropped by `padding`).
+        # so that every position a kernel tap reaches is kept, less what `padding` crops.
         pads = []
-        for axis, (size, k, s, p, d, extra) in enumerate(
+        for axis, (size, k, s, d, (low, high), extra) in enumerate(
             zip(
                 x.shape[x.ndim - ndim - 1 : -1],
                 self.kernel_size,
                 self.strides,
-                self.padding,
                 self.dilation,
+                _transpose_crops(self),
                 self.output_padding,
                 strict=True,
             )
         ):
             full = d * (k - 1)
-            if (size - 1) * s - 2 * p + full + extra + 1 < 1:
+            uncropped = (size - 1) * s + full + extra + 1
+            if uncropped - low - high < 1:
                 raise errors.InputShapeError(
                     f"{module_label(self)}: spatial axis {axis} of the input (shape {x.shape}) "
-                    f"has size {size}, which gives an output of size "
-                    f"{(size - 1) * s - 2 * p + full + extra + 1}: padding {p} crops more "
-                    f"than the {(size - 1) * s + full + extra + 1} positions there. Give a "
-                    f"larger input, or build the layer with a smaller padding."
+                    f"has size {size}, which gives an output of size {uncropped - low - high}: "
+                    f"padding {(low, high)} crops more than the {uncropped} positions there. "
+                    f"Give a larger input, or build the layer with a smaller padding."
                 )
-            pads.append((full - p, full - p + extra))
+            pads.append((full - low, full - high + extra))
         kernel, bias = self.kernel, self.bias
         dtype = compute_dtype(self.dtype, x, kernel, bias)
         flipped = lax.rev(cast(kernel, dtype), tuple(range(ndim)))
@@ -356,20 +395,7 @@ class ConvTranspose(Module):
         return y if bias is None else add_bias(y, cast(bias, dtype))
 
 
-def _groups(layer: str, in_size: int, out_size: int, groups: Any) -> int:
-    """``groups`` as an int if it is a positive int dividing both sizes."""
-    groups = positive_int(layer, "groups", groups)
-    if in_size % groups or out_size % groups:
-        raise errors.LayerConfigError(
-            f"{layer}: groups={groups} must divide both in_size={in_size} and "
-            f"out_size={out_size}. Choose groups among the common divisors of the two "
-            f"sizes (groups={math.gcd(in_size, out_size)} is the largest), or "
-            f"change the sizes."
-        )
-    return groups
-
-
-def _channels_last_input(layer: Conv | ConvTranspose, x: Any) -> jax.Array:
+def _channels_last_input(layer: _Convolution, x: Any) -> jax.Array:
     """``x`` as an array, checked to be ``(*batch, *spatial, in_size)`` for ``layer``."""
     if not isinstance(x, jax.Array):
         x = jnp.asarray(x)
@@ -396,22 +422,30 @@ def _one_batch_axis(conv: Callable[[jax.Array], jax.Array], x: jax.Array, ndim: 
     return jnp.reshape(y, (*batch, *y.shape[1:]))
 
 
-def _non_negative_ints(layer: str, name: str, value: Any, ndim: int) -> tuple[int, ...]:
-    """An int or ``ndim`` ints, each ``>= 0``, as an ``ndim``-tuple."""
-    values = value if isinstance(value, Sequence) else (value,) * ndim
-    try:
-        sizes = tuple(-1 if isinstance(v, bool) else operator.index(v) for v in values)
-    except TypeError:
-        sizes = ()
-    if len(sizes) != ndim or min(sizes) < 0:
-        raise errors.LayerConfigError(
-            f"{layer}: `{name}` must be a non-negative int or {ndim} of them (one per spatial "
-            f"axis of the {ndim}-d kernel_size), got {value!r}. E.g. {name}=1."
-        )
-    return sizes
+def _transpose_crops(layer: ConvTranspose) -> list[tuple[int, int]]:
+    """What ``layer.padding`` crops from the low and the high end of each spatial axis of the
+    full transposed convolution (a negative crop adds zeros there).
+
+    ``"SAME"`` and ``"VALID"`` are ``jax.lax.conv_transpose``'s: with the dilated kernel
+    extent ``e = dilation * (kernel_size - 1) + 1``, ``"SAME"`` crops ``e - strides``
+    (the larger half at the high end) to leave ``size * strides`` positions, and ``"VALID"``
+    crops nothing, but pads the high end with ``strides - e`` zeros when the stride is longer
+    than the kernel, to leave ``size * strides`` positions there too.
+    """
+    if not isinstance(layer.padding, str):
+        return list(layer.padding)
+    crops = []
+    for k, s, d in zip(layer.kernel_size, layer.strides, layer.dilation, strict=True):
+        excess = d * (k - 1) + 1 - s  # the kernel's extent beyond one stride
+        if layer.padding == "SAME":
+            low = max(excess // 2, 0)
+            crops.append((low, excess - low))
+        else:
+            crops.append((0, min(excess, 0)))
+    return crops
 
 
-def _conv_repr(layer: Conv | ConvTranspose, defaults: dict[str, Any]) -> str:
+def _conv_repr(layer: _Convolution, defaults: dict[str, Any]) -> str:
     """Sizes, then each setting that differs from its default, then ``use_bias=False``."""
     config = [
         f"in_size={layer.in_size}",
@@ -420,7 +454,8 @@ def _conv_repr(layer: Conv | ConvTranspose, defaults: dict[str, Any]) -> str:
     ]
     for name, default in defaults.items():
         value = getattr(layer, name)
-        if value not in (default, (default,) * len(layer.kernel_size)):
+        ndim = len(layer.kernel_size)
+        if value not in (default, (default,) * ndim, ((default, default),) * ndim):
             config.append(f"{name}={value!r}")
     if not layer.use_bias:
         config.append("use_bias=False")

@@ -283,6 +283,98 @@ def test_transpose_module_matches_torch_module(torch):
     np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
+def _lax_conv_transpose(x, kernel, bias, strides, padding, dilation):
+    # jax.lax.conv_transpose(transpose_kernel=True) is the gradient of the Conv whose kernel is
+    # ours with the two channel axes swapped.
+    spatial = "DHW"[-(kernel.ndim - 2) :]
+    y = lax.conv_transpose(
+        x,
+        jnp.swapaxes(kernel, -1, -2),
+        strides,
+        padding,
+        rhs_dilation=dilation,
+        dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
+        transpose_kernel=True,
+    )
+    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+
+
+# (kernel_size, strides, dilation, input spatial shape): kernels longer and shorter than the
+# stride, odd and even excess of the kernel's extent over the stride.
+SAME_VALID_CASES = [
+    ((3,), (2,), (1,), (5,)),
+    ((4,), (2,), (1,), (5,)),
+    ((5,), (3,), (1,), (4,)),
+    ((2,), (3,), (1,), (4,)),
+    ((1,), (2,), (1,), (3,)),
+    ((3,), (1,), (2,), (6,)),
+    ((3, 2), (2, 3), (1, 2), (4, 5)),
+]
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID"])
+@pytest.mark.parametrize("kernel_size, strides, dilation, spatial", SAME_VALID_CASES)
+def test_transpose_same_and_valid_match_lax_conv_transpose(
+    numpy_init, kernel_size, strides, dilation, spatial, padding
+):
+    layer = ConvTranspose(3, 4, kernel_size, strides, padding, dilation)
+    init_fn, apply_fn = mx.transform(layer)
+    variables = numpy_init(init_fn)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, *spatial, 3)), jnp.float32)
+    y, _ = apply_fn(variables, None, x)
+    params = variables["params"]
+    expected = _lax_conv_transpose(x, params["kernel"], params["bias"], strides, padding, dilation)
+    extents = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilation, strict=True)]
+    sizes = [n * s for n, s in zip(spatial, strides, strict=True)]
+    if padding == "VALID":
+        sizes = [n + max(e - s, 0) for n, e, s in zip(sizes, extents, strides, strict=True)]
+    assert y.shape == expected.shape == (2, *sizes, 4)
+    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_transpose_same_with_output_padding(numpy_init):
+    layer = ConvTranspose(3, 4, 3, strides=2, padding="SAME", output_padding=1)
+    init_fn, apply_fn = mx.transform(layer)
+    y, _ = apply_fn(numpy_init(init_fn), None, jnp.ones((2, 5, 3)))
+    assert y.shape == (2, 11, 4)
+
+
+def test_transpose_pairs_crop_the_full_output(numpy_init):
+    init_fn, apply_fn = mx.transform(ConvTranspose(3, 4, (3, 2), strides=2))
+    variables = numpy_init(init_fn)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4, 5, 3)), jnp.float32)
+    full, _ = apply_fn(variables, None, x)
+    for padding, crop in [
+        (((1, 2), (0, 1)), (slice(1, -2), slice(0, -1))),
+        (1, (slice(1, -1), slice(1, -1))),
+        ((2, 0), (slice(2, -2), slice(None))),
+    ]:
+        _, apply_cropped = mx.transform(ConvTranspose(3, 4, (3, 2), strides=2, padding=padding))
+        y, _ = apply_cropped(variables, None, x)
+        np.testing.assert_allclose(y, full[:, crop[0], crop[1]], atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", [1, ((1, 2),)])
+def test_transpose_is_the_gradient_of_conv_with_the_same_padding(numpy_init, padding):
+    # Conv(4 -> 3) on 8 positions; ConvTranspose(3 -> 4) with the same padding maps back.
+    conv = mx.Conv(4, 3, 3, strides=2, padding=padding, use_bias=False)
+    init_fn, apply_conv = mx.transform(conv)
+    kernel = numpy_init(init_fn)["params"]["kernel"]
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 8, 4)), jnp.float32)
+    y, vjp = jax.vjp(lambda x: apply_conv({"params": {"kernel": kernel}}, None, x)[0], x)
+    cotangent = jnp.asarray(np.random.default_rng(5).standard_normal(y.shape), jnp.float32)
+    (expected,) = vjp(cotangent)
+    full = (y.shape[1] - 1) * 2 + 3
+    low, high = (1, 1) if padding == 1 else padding[0]
+    transpose = ConvTranspose(
+        3, 4, 3, strides=2, padding=padding, output_padding=8 - (full - low - high), use_bias=False
+    )
+    _, apply_transpose = mx.transform(transpose)
+    params = {"params": {"kernel": jnp.swapaxes(kernel, -1, -2)}}
+    got, _ = apply_transpose(params, None, cotangent)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [(), (2, 3)])
 def test_transpose_any_number_of_batch_axes(numpy_init, batch):
     init_fn, apply_fn = mx.transform(ConvTranspose(3, 4, (3, 3), strides=2, padding=1))
@@ -322,9 +414,10 @@ def test_transpose_computation_dtype(numpy_init):
     [
         (dict(output_padding=2, strides=2), "axis 0 has output_padding 2, stride 2 and dilation 1"),
         (dict(output_padding=(0, 1)), "smaller than either the stride or the dilation"),
-        (dict(padding="SAME"), "`padding` must be a non-negative int or 2 of them"),
-        (dict(padding=(1, -1)), "`padding` must be a non-negative int"),
+        (dict(padding="FULL"), '`padding` must be "SAME", "VALID"'),
+        (dict(padding=(1, -1)), "non-negative sizes"),
         (dict(padding=(1, 1, 1)), "`padding` must be"),
+        (dict(padding=((1, 2), (0, 1, 2))), "`padding` must be"),
         (dict(output_padding=1.0), "`output_padding` must be"),
         (dict(groups=2), "groups=2 must divide both in_size=3"),
         (dict(strides=(1, 2, 1)), "2 ints"),
@@ -367,6 +460,7 @@ def test_transpose_repr():
     assert layer.extra_repr() == "in_size=3, out_size=4, kernel_size=(3, 3)"
     layer = ConvTranspose(4, 4, 3, strides=2, padding=1, output_padding=1, groups=4, use_bias=False)
     assert layer.extra_repr() == (
-        "in_size=4, out_size=4, kernel_size=(3,), strides=(2,), padding=(1,), "
+        "in_size=4, out_size=4, kernel_size=(3,), strides=(2,), padding=((1, 1),), "
         "output_padding=(1,), groups=4, use_bias=False"
     )
+    assert "padding='SAME'" in ConvTranspose(3, 4, 3, padding="same").extra_repr()
