@@ -76,10 +76,36 @@ def is_key(x: Any) -> bool:
     return dtype == np.uint32 and jnp.ndim(x) == 1 and jnp.shape(x)[0] in (2, 4)
 
 
+def key_batch_shape(x: Any) -> tuple[int, ...]:
+    """The leading shape of a batch of keys (``jax.random.split(key, 4)`` -> ``(4,)``); ``()``
+    for one key or anything that is no key array."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return ()
+    shape = tuple(jnp.shape(x))
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return shape
+    if dtype == np.uint32 and len(shape) > 1 and shape[-1] in (2, 4):
+        return shape[:-1]
+    return ()
+
+
 def as_root_key(key: Any) -> jax.Array:
     """Check the key given to ``init_fn``; an int seed becomes ``jax.random.key(seed)``."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        if not -(2**63) <= int(key) < 2**63:
+            raise errors.RngsTypeError(
+                f"init_fn: an int seed must fit in 64 bits, got {int(key)}. Pass a smaller seed "
+                f"or a key, e.g. init_fn(jax.random.key(0))."
+            )
         return jax.random.key(int(key))
+    batch = key_batch_shape(key)
+    if batch:
+        raise errors.RngsTypeError(
+            f"init_fn takes one key, got a batch of keys of shape {batch} ({_describe(key)}). "
+            f"To make one set of variables per key (an ensemble), map it: "
+            f"jax.vmap(init_fn)(keys)."
+        )
     if not is_key(key):
         raise errors.RngsTypeError(
             f"init_fn expects a random key, e.g. init_fn(jax.random.key(0)) or an int seed; "
@@ -92,6 +118,14 @@ def parse_rngs(rngs: Any) -> dict[str, Any]:
     """``None``, a key, or a dict of named keys -> ``{stream: key}``."""
     if rngs is None:
         return {}
+    given = rngs.items() if isinstance(rngs, Mapping) else (("rngs", rngs),)
+    batched = [(name, shape) for name, k in given if (shape := key_batch_shape(k))]
+    if batched:
+        raise errors.RngsTypeError(
+            f"apply_fn takes one key per stream, got a batch of keys: "
+            f"{', '.join(f'{n!r} of shape {s}' for n, s in batched)}. To run once per key, map "
+            f"it: jax.vmap(apply_fn, in_axes=(None, 0, ...)), or split the batch and pass one."
+        )
     if isinstance(rngs, Mapping):
         bad = [f"{name!r}: {_describe(k)}" for name, k in rngs.items() if not is_key(k)]
         if bad or not all(isinstance(name, str) for name in rngs):

@@ -20,7 +20,7 @@ from metoryx import errors
 from metoryx._core.module import Module, iter_children
 from metoryx._core.paths import Path, flatten_variables, path_str, unflatten_variables
 from metoryx._core.tree import walk
-from metoryx._core.variables import Variable
+from metoryx._core.variables import Variable, numeric_dtype
 from metoryx.layout import TorchConversion, torch_conversions
 
 __all__ = ["load_state_dict", "to_state_dict"]
@@ -65,8 +65,12 @@ def load_state_dict(
         >>> variables["params"]["kernel"].shape
         (3, 4)
     """
+    _check_mapping("load_state_dict", "state_dict", state_dict, "torch_module.state_dict()")
+    if variables is not None:
+        _check_mapping("load_state_dict", "variables", variables, "init_fn(key)")
     layout = _Layout(model)
     given = {name: _as_numpy(value) for name, value in state_dict.items()}
+    _check_entries(given, layout.torch_keys())
     expected = layout.torch_keys()
     missing = [name for name in expected if name not in given]
     unexpected = [name for name in given if name not in expected]
@@ -145,6 +149,7 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
         >>> {name: tuple(t.shape) for name, t in state_dict.items()}
         {'weight': (4, 3), 'bias': (4,)}
     """
+    _check_mapping("to_state_dict", "variables", variables, "init_fn(key)")
     layout = _Layout(model)
     flat = flatten_variables(variables)
     missing = [path_str(p) for p in layout.variables if p not in flat]
@@ -153,6 +158,23 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
             f"to_state_dict: `variables` lacks {len(missing)} of the model's variables: "
             f"{', '.join(missing)}. Pass the dict that init_fn/apply_fn returned for this model."
         )
+    arrays_of = {p: _as_numpy(flat[p]) for p in layout.variables}
+    for kind, error, fits in (
+        ("arrays of numbers", errors.VariableDtypeError, _is_numeric),
+        ("of the variables' shapes", errors.VariableShapeError, _fits_shape),
+    ):
+        wrong = [
+            f"{path_str(p)}: expected {var.dtype.name}{list(var.shape)}, got "
+            f"{arrays_of[p].dtype.name}{list(arrays_of[p].shape)}"
+            for p, var in layout.variables.items()
+            if not fits(arrays_of[p], var)
+        ]
+        if wrong:
+            raise error(
+                f"to_state_dict: these arrays of `variables` are not {kind}:\n  "
+                + "\n  ".join(wrong)
+                + "\nPass the dict that init_fn/apply_fn returned for this model."
+            )
     try:
         import torch
     except ImportError as e:
@@ -162,7 +184,7 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
         ) from e
     result: dict[str, Any] = {}
     for conversion, paths in layout.entries:
-        arrays = conversion.to_torch(*(_as_numpy(flat[p]) for p in paths))
+        arrays = conversion.to_torch(*(arrays_of[p] for p in paths))
         for name, array in zip(conversion.torch_keys, arrays, strict=True):
             result.setdefault(name, _as_tensor(torch, np.asarray(array)))
     return result
@@ -244,6 +266,42 @@ def _attribute_paths(module: Module, prefix: tuple[str, ...]) -> list[tuple[str,
     return found
 
 
+def _is_numeric(array: np.ndarray, var: Variable) -> bool:
+    return numeric_dtype(array.dtype) is not None
+
+
+def _fits_shape(array: np.ndarray, var: Variable) -> bool:
+    return array.shape == var.shape
+
+
+def _check_mapping(function: str, name: str, value: Any, example: str) -> None:
+    if not isinstance(value, Mapping):
+        raise errors.VariablesStructureError(
+            f"{function}: `{name}` must be a dict (a Mapping) of names to arrays, such as "
+            f"{example} returns; got {type(value).__name__} {value!r:.60}. Pass that dict."
+        )
+
+
+def _check_entries(given: dict[Any, Any], expected: Mapping[str, Any]) -> None:
+    """Entry names must be strs, and the entries the model reads arrays of numbers."""
+    not_str = [name for name in given if not isinstance(name, str)]
+    if not_str:
+        raise errors.VariablesStructureError(
+            f"load_state_dict: entry names must be strs such as 'fc.weight', as PyTorch writes "
+            f"them; got {not_str[:5]!r}. Pass torch_module.state_dict() or a dict like it."
+        )
+    bad = [
+        f"{name} ({given[name].dtype})"
+        for name in expected
+        if name in given and numeric_dtype(given[name].dtype) is None
+    ]
+    if bad:
+        raise errors.VariableDtypeError(
+            f"load_state_dict: these entries are not arrays of numbers: {', '.join(bad)}. "
+            f"Pass tensors or arrays, as torch_module.state_dict() holds."
+        )
+
+
 def _as_numpy(value: Any) -> np.ndarray:
     """A NumPy array of a torch tensor (on any device, bfloat16 included) or any array."""
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
@@ -251,7 +309,10 @@ def _as_numpy(value: Any) -> np.ndarray:
         if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; float32 is exact
             value = value.float()
         return value.numpy()
-    return np.asarray(value)
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError):  # e.g. a ragged list: the callers name it as no array
+        return np.array(None, dtype=object)
 
 
 def _as_tensor(torch: Any, array: np.ndarray) -> Any:

@@ -251,6 +251,37 @@ def test_bad_dict_of_streams_is_an_rngs_type_error(rngs):
         apply_fn({}, rngs)
 
 
+BATCHES = {
+    "typed": jax.random.split(jax.random.key(0), 4),
+    "legacy": jax.random.split(jax.random.PRNGKey(0), 4),
+    "typed 2-d": jax.random.split(jax.random.key(0), (2, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", BATCHES)
+def test_init_fn_given_a_batch_of_keys_points_to_vmap(kind):
+    init_fn = mx.init(mx.Dense(2, 3))
+    keys = BATCHES[kind]
+    with pytest.raises(errors.RngsTypeError, match=r"jax\.vmap\(init_fn\)\(keys\)") as info:
+        init_fn(keys)
+    assert "batch of keys of shape" in str(info.value)
+    assert jax.vmap(init_fn)(keys.reshape(-1, *keys.shape[keys.ndim - (kind == "legacy") :]))
+
+
+@pytest.mark.parametrize("rngs", [BATCHES["typed"], {"dropout": BATCHES["legacy"]}])
+def test_apply_fn_given_a_batch_of_keys_points_to_vmap(rngs):
+    _, apply_fn = mx.transform(Draws())
+    with pytest.raises(errors.RngsTypeError, match=r"jax\.vmap\(apply_fn") as info:
+        apply_fn({}, rngs)
+    assert "shape (4,)" in str(info.value)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_an_int_seed_past_64_bits_is_an_rngs_type_error(seed):
+    with pytest.raises(errors.RngsTypeError, match="64 bits"):
+        mx.init(mx.Dense(2, 3))(seed)
+
+
 def test_prng_keys_builds_a_plain_dict_and_checks_its_keys():
     k0, k1 = jax.random.key(0), jax.random.key(1)
     keys = mx.PRNGKeys(k0, dropout=k1)

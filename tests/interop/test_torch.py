@@ -325,6 +325,55 @@ def test_to_state_dict_lists_variables_it_lacks():
         to_state_dict(_Small(), variables)
 
 
+@pytest.mark.parametrize("key", ["a/b", "a.b"])
+def test_a_key_that_would_name_two_layers_alike_is_refused_both_ways(key):
+    class Clash(mx.Module):
+        def __init__(self):
+            self.heads = {key: mx.Dense(2, 2), "a": {"b": mx.Dense(2, 3)}}
+
+    state_dict = {"heads.a.b.weight": np.ones((2, 2)), "heads.a.b.bias": np.ones(2)}
+    with pytest.raises(mx.errors.ModuleStructureError, match=repr(key)):
+        load_state_dict(Clash(), state_dict)
+    with pytest.raises(mx.errors.ModuleStructureError, match=repr(key)):
+        to_state_dict(Clash(), {})
+
+
+@pytest.mark.parametrize("state_dict", [[("weight", np.ones((4, 3)))], None, "weight"])
+def test_a_state_dict_that_is_no_dict_is_refused(state_dict):
+    with pytest.raises(mx.errors.VariablesStructureError, match="`state_dict` must be a dict"):
+        load_state_dict(mx.Dense(3, 4), state_dict)
+
+
+def test_partial_load_base_variables_and_to_state_dict_variables_must_be_dicts():
+    with pytest.raises(mx.errors.VariablesStructureError, match="`variables` must be a dict"):
+        load_state_dict(mx.Dense(3, 4), {}, strict=False, variables=[1])
+    with pytest.raises(mx.errors.VariablesStructureError, match="`variables` must be a dict"):
+        to_state_dict(mx.Dense(3, 4), [np.ones((3, 4)), np.ones(4)])
+
+
+@pytest.mark.parametrize(
+    ("weight", "got"),
+    [("abc", "<U3"), ([[1.0], [1.0, 2.0]], "object"), (np.array([None] * 12), "object")],
+)
+def test_entries_that_are_no_arrays_of_numbers_are_named(weight, got):
+    state_dict = {"weight": weight, "bias": np.zeros(4)}
+    with pytest.raises(mx.errors.VariableDtypeError, match=rf"weight \({got}\)"):
+        load_state_dict(mx.Dense(3, 4), state_dict)
+    with pytest.raises(mx.errors.VariablesStructureError, match="must be strs"):
+        load_state_dict(mx.Dense(3, 4), {0: np.ones((4, 3)), "bias": np.zeros(4)})
+
+
+def test_to_state_dict_names_arrays_of_the_wrong_shape_or_kind():
+    variables = {"params": {"kernel": np.ones((4, 3)), "bias": np.zeros(4)}}
+    with pytest.raises(
+        mx.errors.VariableShapeError, match=r"params/kernel: expected float32\[3, 4\]"
+    ):
+        to_state_dict(mx.Dense(3, 4), variables)
+    variables = {"params": {"kernel": np.full((3, 4), "x"), "bias": np.zeros(4)}}
+    with pytest.raises(mx.errors.VariableDtypeError, match="params/kernel"):
+        to_state_dict(mx.Dense(3, 4), variables)
+
+
 def test_to_state_dict_without_torch_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` sees without it
     variables = mx.init(_Small())(jax.random.key(0))
