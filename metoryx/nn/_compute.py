@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from metoryx import errors, initializers
 from metoryx._core.variables import numeric_dtype
@@ -55,7 +56,7 @@ def training_flag(is_training: Any, label: Callable[[], str], name: str = "is_tr
     """
     if is_training is True or is_training is False:
         return is_training
-    if isinstance(is_training, jax.core.Tracer):
+    if isinstance(is_training, Tracer):
         raise errors.StaticArgumentError(
             f"{label()}: `{name}` is a traced value, so the layer cannot choose between its "
             f"training and evaluation code: jax.jit traces every argument of apply_fn. Make it "
@@ -91,7 +92,8 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     on every JAX version and one eager dispatch. (A ``jit(inline=True)`` helper is no longer
     inlined into jaxprs by JAX 0.12, and ``lax.broadcast_to_rank`` costs a second dispatch.)
     """
-    if jax.config.jax_numpy_rank_promotion == "allow":  # the default: no context to enter
+    # The documented read of an option; the Config stub declares none of them.
+    if jax.config.jax_numpy_rank_promotion == "allow":  # pyright: ignore[reportAttributeAccessIssue]
         return y + bias
     with jax.numpy_rank_promotion("allow"):
         return y + bias

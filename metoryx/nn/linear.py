@@ -176,7 +176,7 @@ class Einsum(Module):
             kernel_init = _einsum_lecun_normal(self.subscripts)
         self.kernel = Parameter(kernel_init, self.shape, param_dtype)
         self.bias = (
-            None if bias_shape is None else Parameter(bias_init, self.bias_shape, param_dtype)
+            None if self.bias_shape is None else Parameter(bias_init, self.bias_shape, param_dtype)
         )
 
     def extra_repr(self) -> str:

@@ -571,7 +571,7 @@ class RNN(Module):
             return kept, jax.tree.map(lambda y: jnp.where(_expand(valid, y), y, 0), y)
 
         body: Callable[[Any, Any], tuple[Any, Any]] = step if mask is None else masked_step
-        scanned = inputs if mask is None else (inputs, mask)
+        scanned: Any = inputs if mask is None else (inputs, mask)
         carry, ys = lax.scan(body, carry, scanned, reverse=self.reverse, unroll=self.unroll)
         if not self.return_sequences:
             outputs = self._last(ys, seq_lengths)
