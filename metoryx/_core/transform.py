@@ -33,11 +33,23 @@ class Transformed(NamedTuple):
     """The pure functions of a model: ``init(key) -> variables`` and
     ``apply(variables, rngs, *args, **kwargs) -> (output, new_variables)``.
 
+    A NamedTuple: unpack it (``init_fn, apply_fn = mx.transform(model)``) or read its fields.
+
+    Attributes:
+        init: ``init(key) -> variables``, the nested dict ``{collection: {path...: array}}``;
+            ``key`` is a ``jax.random.key``, a legacy ``PRNGKey`` or an int seed.
+        apply: ``apply(variables, rngs, *args, **kwargs) -> (output, new_variables)``; runs
+            the model's method (``__call__`` unless ``mx.transform`` named another).
+
     Example:
-        >>> import jax, metoryx as mx
-        >>> init_fn, apply_fn = mx.transform(mx.Dense(2, 3))
-        >>> isinstance(mx.transform(mx.Dense(2, 3)), mx.Transformed)
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> model = mx.transform(mx.Dense(2, 3))
+        >>> isinstance(model, mx.Transformed)
         True
+        >>> variables = model.init(jax.random.key(0))
+        >>> y, _ = model.apply(variables, None, jnp.ones((1, 2)))
+        >>> y.shape
+        (1, 3)
     """
 
     init: Callable[[Any], dict[str, Any]]

@@ -445,6 +445,10 @@ class MultiHeadAttention(Module):
             ``qkv_size``, ``num_kv_heads`` does not divide ``num_heads``, the rate is not in
             ``[0, 1]``, or the rotary embedding does not fit ``head_dim``.
 
+    Attributes:
+        query: the ``Dense`` projection of the queries (likewise ``key``, ``value``, ``out``).
+        head_dim: the features per head, ``qkv_size // num_heads``.
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> layer = mx.MultiHeadAttention(num_heads=4, in_size=32, num_kv_heads=2)

@@ -65,6 +65,9 @@ class Sequential(Module):
     Raises:
         LayerConfigError: if a layer is not callable, or the layers are passed as one list.
 
+    Attributes:
+        layers: the list of layers, in order (what indexing and iterating read).
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> model = mx.Sequential(mx.Dense(3, 8), mx.relu, mx.Dense(8, 2))
@@ -212,6 +215,10 @@ class MLP(Module):
     Raises:
         LayerConfigError: if a size is not a positive int, ``hidden_sizes`` is not a sequence,
             ``activation`` is not callable or ``dropout_rate`` is outside ``[0, 1]``.
+
+    Attributes:
+        layers: the list of ``Dense`` layers, first to last.
+        activation: the activation between them (a module with variables is shared).
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx

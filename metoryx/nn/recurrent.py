@@ -464,6 +464,9 @@ class RNN(Module):
     Raises:
         LayerConfigError: if ``cell`` is not a cell module or ``unroll`` is not a positive int.
 
+    Attributes:
+        cell: the cell, at the path ``cell``; e.g. ``rnn.cell.hidden_size``.
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> rnn = mx.RNN(mx.LSTMCell(3, 4))
@@ -645,6 +648,10 @@ class Bidirectional(Module):
         LayerConfigError: if ``forward`` or ``backward`` is not an RNN of the direction above,
             they differ in ``return_sequences`` or ``time_major``, or ``merge`` is unknown.
 
+    Attributes:
+        forward: the forward :class:`RNN`, at the path ``forward``.
+        backward: the backward :class:`RNN`, at the path ``backward``.
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> layer = mx.Bidirectional(
@@ -763,6 +770,9 @@ class StackedRNN(Module):
         LayerConfigError: if there is no layer, a layer is not an RNN or a Bidirectional, a
             layer but the last has ``return_sequences=False``, or ``dropout_rate`` is not in
             ``[0, 1]``.
+
+    Attributes:
+        layers: the list of recurrent layers, first to last.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx

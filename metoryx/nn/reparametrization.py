@@ -81,6 +81,12 @@ class WeightNorm(Module):
         LayerConfigError: if ``layer`` is not a module, has no such weight, or ``axis`` is not
             distinct axes of the weight.
 
+    Attributes:
+        layer: the wrapped layer, unchanged: its own variables (the weight ``v`` included)
+            stay at ``layer/...``; read its configuration (``wrapper.layer.out_size``) or
+            fix a starting weight (``wrapper.layer.kernel.value = w``) through it.
+        scale: this wrapper's Parameter, one scale per slice along ``axis``.
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> init_fn, apply_fn = mx.transform(mx.WeightNorm(mx.Dense(3, 4)))
@@ -225,6 +231,13 @@ class SpectralNorm(Module):
         LayerConfigError: if ``layer`` is not a module, has no such weight, the weight has
             fewer than 2 axes, ``axis`` is not an axis of it, or ``n_power_iterations`` is not
             a positive int.
+
+    Attributes:
+        layer: the wrapped layer, unchanged: its own variables (the weight ``W`` included)
+            stay at ``layer/...``; read its configuration (``wrapper.layer.out_size``) or
+            fix a starting weight (``wrapper.layer.kernel.value = w``) through it.
+        u: the State holding the left singular vector's estimate.
+        v: the State holding the right singular vector's estimate.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
