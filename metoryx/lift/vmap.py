@@ -56,13 +56,23 @@ class Vmap(Lifted):
                 f"{where}: expected an mx.Module, got {type(module).__name__}. Inside a "
                 f"model's method, jax.vmap of a plain function needs no lifting."
             )
-        if axis_size is not None and (isinstance(axis_size, bool) or int(axis_size) < 1):
+        if axis_size is not None and (
+            isinstance(axis_size, bool)
+            or not isinstance(axis_size, (int, np.integer))
+            or int(axis_size) < 1
+        ):
             raise errors.LayerConfigError(
-                f"{where}: axis_size must be a positive int, got {axis_size!r}."
+                f"{where}: axis_size must be a positive int (the number of members), got "
+                f"{axis_size!r}. Pass e.g. axis_size=4, or None to read it from the arguments."
+            )
+        if axis_name is not None and not isinstance(axis_name, str):
+            raise errors.LayerConfigError(
+                f"{where}: axis_name must be None or a str naming the mapped axis for "
+                f"collectives (jax.lax.pmean(x, 'batch')), got {axis_name!r}."
             )
         self.module = module
-        self.in_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
-        self.out_axes = out_axes
+        self.in_axes = _axes_spec(where, "in_axes", in_axes)
+        self.out_axes = _axes_spec(where, "out_axes", out_axes)
         self.axis_size = None if axis_size is None else int(axis_size)
         self.variable_axes = check_variable_axes(where, variable_axes, self.axis_size)
         self.split_rngs = check_split_rngs(where, split_rngs)
@@ -115,6 +125,31 @@ class Vmap(Lifted):
             ) from e
         region.finish({**shared, **mapped}, captured)
         return out
+
+
+def _axes_spec(where: str, name: str, value: Any) -> Any:
+    """``in_axes``/``out_axes`` as ``jax.vmap`` takes them: an int, None, or a tuple of those
+    (pytrees of them inside), one entry per argument; ``out_axes`` may be any prefix of the
+    output's pytree. A list becomes a tuple."""
+    if isinstance(value, list):
+        value = tuple(value)
+    containers = (tuple, dict) if name == "out_axes" else (tuple,)
+    if value is None or isinstance(value, containers):
+        leaves = jax.tree.leaves(value, is_leaf=lambda x: x is None)
+        bad = [leaf for leaf in leaves if not (leaf is None or _is_int(leaf))]
+    else:
+        bad = [] if _is_int(value) else [value]
+    if bad:
+        raise errors.LayerConfigError(
+            f"{where}: `{name}` must be an int (the mapped axis), None (not mapped), or a "
+            f"tuple of those with one entry per {'argument' if name == 'in_axes' else 'output'}"
+            f", as in jax.vmap; got {value!r}. Pass e.g. {name}=0 or {name}=(0, None)."
+        )
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _mapped_size(wrapper: Vmap, args: tuple[Any, ...]) -> int:

@@ -374,12 +374,42 @@ def test_an_unrolled_checkpoint_given_to_an_ensemble_points_to_mx_stack():
         ),
         (lambda: mx.vmap(Counter(), variable_axes=["params"], axis_size=2), "variable_axes"),
         (lambda: mx.vmap(Counter(), split_rngs=3), "split_rngs must be True"),
+        (lambda: mx.vmap(Counter(), in_axes="batch"), "`in_axes` must be an int.*'batch'"),
+        (lambda: mx.vmap(Counter(), in_axes=(0, 1.5)), r"`in_axes`.*\(0, 1.5\)"),
+        (lambda: mx.vmap(Counter(), in_axes={"x": 0}), r"`in_axes`.*\{'x': 0\}"),
+        (lambda: mx.vmap(Counter(), in_axes=True), "`in_axes`.*True"),
+        (lambda: mx.vmap(Counter(), out_axes=[0, "x"]), r"`out_axes`.*\(0, 'x'\)"),
+        (lambda: mx.vmap(Counter(), axis_size="3"), "axis_size must be a positive int.*'3'"),
+        (lambda: mx.vmap(Counter(), axis_size=2.0), "axis_size must be a positive int.*2.0"),
+        (lambda: mx.vmap(Counter(), axis_name=0), "axis_name must be None or a str"),
     ],
-    ids=["not_a_module", "axis_size", "no_axis_size", "axis_1", "not_a_dict", "split_rngs"],
+    ids=[
+        "not_a_module",
+        "axis_size",
+        "no_axis_size",
+        "axis_1",
+        "not_a_dict",
+        "split_rngs",
+        "in_axes_str",
+        "in_axes_float_entry",
+        "in_axes_dict",
+        "in_axes_bool",
+        "out_axes_str_entry",
+        "axis_size_str",
+        "axis_size_float",
+        "axis_name_int",
+    ],
 )
 def test_configuration_errors_name_the_wrapper_and_the_fix(make, match):
     with pytest.raises(errors.LayerConfigError, match=r"mx.vmap\((Counter|function)\).*" + match):
         make()
+
+
+def test_valid_axes_specs_are_kept_as_jax_vmap_takes_them():
+    assert mx.vmap(Counter(), in_axes=[0, None]).in_axes == (0, None)
+    assert mx.vmap(Counter(), in_axes=(0, {"a": None, "b": 1})).in_axes == (0, {"a": None, "b": 1})
+    assert mx.vmap(Counter(), out_axes={"y": 0}).out_axes == {"y": 0}
+    assert mx.vmap(Counter(), in_axes=np.int64(1), axis_size=np.int32(2)).axis_size == 2
 
 
 class Pair(mx.Module):
