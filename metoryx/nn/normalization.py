@@ -15,9 +15,10 @@ from jax import lax
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter, State
+from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, torch_only
-from metoryx.nn._arguments import positive_int
+from metoryx.nn._arguments import check_divisor, check_epsilon, check_number, positive_int
 from metoryx.nn._compute import (
     at_least_float32,
     cast,
@@ -26,8 +27,60 @@ from metoryx.nn._compute import (
     training_flag,
 )
 
+# The arguments LayerNorm, GroupNorm and InstanceNorm document alike (see fill_docstring).
+_NORM_ARGS_DOC = """
+epsilon: added to the variance before the square root, ``>= 0``.
+use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
+use_bias: whether to add a learned ``bias`` (``params["bias"]``).
+scale_init: initializer of ``scale``, of shape ``(size,)``.
+bias_init: initializer of ``bias``, of shape ``(size,)``.
+dtype: the computation dtype (None: inferred from inputs and parameters).
+param_dtype: the storage dtype of the parameters.
+"""
 
-class BatchNorm(Module):
+
+class _Normalization(Module):
+    """What the normalization layers share: the checked ``size``, ``epsilon`` and ``dtype``,
+    and the per-feature ``scale`` and ``bias`` of shape ``(size,)``."""
+
+    def _check(self, size: Any, epsilon: Any, dtype: Any) -> None:
+        name = type(self).__name__
+        self.size = positive_int(name, "size", size)
+        self.epsilon = check_epsilon(name, epsilon)
+        self.dtype = layer_dtype(name, dtype)
+
+    def _add_scale_and_bias(
+        self,
+        use_scale: bool,
+        use_bias: bool,
+        scale_init: Initializer,
+        bias_init: Initializer,
+        param_dtype: Any,
+    ) -> None:
+        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
+        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
+
+
+class _AffineNorm(_Normalization):
+    """The constructor of LayerNorm and InstanceNorm, which inherit it as it is."""
+
+    def __init__(
+        self,
+        size: int,
+        epsilon: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_init: Initializer = initializers.ones,
+        bias_init: Initializer = initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
+        super().__init__()
+        self._check(size, epsilon, dtype)
+        self._add_scale_and_bias(use_scale, use_bias, scale_init, bias_init, param_dtype)
+
+
+class BatchNorm(_Normalization):
     """Batch normalization over the last axis (features), statistics over all other axes.
 
     In training (``is_training=True``) the input is normalized with the statistics of the
@@ -53,7 +106,7 @@ class BatchNorm(Module):
     Args:
         size: number of features (the last axis of the input).
         momentum: decay of the running statistics, in ``[0, 1]``.
-        epsilon: added to the variance before the square root.
+        epsilon: added to the variance before the square root, ``>= 0``.
         use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
         use_bias: whether to add a learned ``bias`` (``params["bias"]``).
         axis_name: the name of a mapped axis to average statistics across devices over, or
@@ -64,8 +117,8 @@ class BatchNorm(Module):
         param_dtype: the storage dtype of the parameters.
 
     Raises:
-        LayerConfigError: if ``size`` is not a positive int or ``momentum`` is outside
-            ``[0, 1]``.
+        LayerConfigError: if ``size`` is not a positive int, ``epsilon`` is negative or
+            ``momentum`` is outside ``[0, 1]``.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -97,19 +150,18 @@ class BatchNorm(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.size = positive_int("BatchNorm", "size", size)
-        if not 0.0 <= momentum <= 1.0:
-            raise errors.LayerConfigError(
-                f"BatchNorm: `momentum` must be in [0, 1], got {momentum!r}. It is the weight "
-                f"of the old running statistics (Flax's convention), so PyTorch's momentum=0.1 "
-                f"is momentum=0.9 here: pass 1 - PyTorch's value."
-            )
-        self.momentum = momentum
-        self.epsilon = epsilon
+        self._check(size, epsilon, dtype)
+        self.momentum = check_number(
+            "BatchNorm",
+            "momentum",
+            momentum,
+            0.0,
+            1.0,
+            fix="It is the weight of the old running statistics (Flax's convention), so "
+            "PyTorch's momentum=0.1 is momentum=0.9 here: pass 1 - PyTorch's value.",
+        )
         self.axis_name = axis_name
-        self.dtype = layer_dtype("BatchNorm", dtype)
-        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
-        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
+        self._add_scale_and_bias(use_scale, use_bias, scale_init, bias_init, param_dtype)
         stats_dtype = at_least_float32(param_dtype)
         self.mean = State("batch_stats", initializers.zeros, (self.size,), stats_dtype)
         self.var = State("batch_stats", initializers.ones, (self.size,), stats_dtype)
@@ -207,7 +259,8 @@ class BatchNorm(Module):
         return centered, var
 
 
-class LayerNorm(Module):
+@fill_docstring(norm_args=_NORM_ARGS_DOC)
+class LayerNorm(_AffineNorm):
     """Layer normalization over the last axis: each position is normalized on its own.
 
     ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``, with the mean and the biased
@@ -218,16 +271,10 @@ class LayerNorm(Module):
 
     Args:
         size: number of features (the last axis of the input).
-        epsilon: added to the variance before the square root.
-        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
-        use_bias: whether to add a learned ``bias`` (``params["bias"]``).
-        scale_init: initializer of ``scale``, of shape ``(size,)``.
-        bias_init: initializer of ``bias``, of shape ``(size,)``.
-        dtype: the computation dtype (None: inferred from inputs and parameters).
-        param_dtype: the storage dtype of the parameters.
+        {norm_args}
 
     Raises:
-        LayerConfigError: if ``size`` is not a positive int.
+        LayerConfigError: if ``size`` is not a positive int or ``epsilon`` is negative.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -239,24 +286,6 @@ class LayerNorm(Module):
         >>> y[0, 0].round(4)
         Array([-1.3416, -0.4472,  0.4472,  1.3416], dtype=float32)
     """
-
-    def __init__(
-        self,
-        size: int,
-        epsilon: float = 1e-5,
-        use_scale: bool = True,
-        use_bias: bool = True,
-        scale_init: Initializer = initializers.ones,
-        bias_init: Initializer = initializers.zeros,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-    ):
-        super().__init__()
-        self.size = positive_int("LayerNorm", "size", size)
-        self.epsilon = epsilon
-        self.dtype = layer_dtype("LayerNorm", dtype)
-        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
-        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
 
     def extra_repr(self) -> str:
         return _affine_repr(self, f"size={self.size}, epsilon={self.epsilon}")
@@ -285,7 +314,7 @@ class LayerNorm(Module):
         return _scale_and_shift(y, self.scale, self.bias, dtype)
 
 
-class RMSNorm(Module):
+class RMSNorm(_Normalization):
     """Root-mean-square normalization over the last axis, with no centering.
 
     ``y = x / sqrt(mean(x ** 2) + epsilon) * scale``, the mean over the ``size`` features of
@@ -294,14 +323,14 @@ class RMSNorm(Module):
 
     Args:
         size: number of features (the last axis of the input).
-        epsilon: added to the mean square before the square root.
+        epsilon: added to the mean square before the square root, ``>= 0``.
         use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
         scale_init: initializer of ``scale``, of shape ``(size,)``.
         dtype: the computation dtype (None: inferred from inputs and parameters).
         param_dtype: the storage dtype of the parameters.
 
     Raises:
-        LayerConfigError: if ``size`` is not a positive int.
+        LayerConfigError: if ``size`` is not a positive int or ``epsilon`` is negative.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -324,9 +353,7 @@ class RMSNorm(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.size = positive_int("RMSNorm", "size", size)
-        self.epsilon = epsilon
-        self.dtype = layer_dtype("RMSNorm", dtype)
+        self._check(size, epsilon, dtype)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
 
     def extra_repr(self) -> str:
@@ -358,7 +385,8 @@ class RMSNorm(Module):
         return _scale_and_shift(x * lax.rsqrt(mean_square + self.epsilon), self.scale, None, dtype)
 
 
-class GroupNorm(Module):
+@fill_docstring(norm_args=_NORM_ARGS_DOC)
+class GroupNorm(_Normalization):
     """Group normalization: the channels are split into groups, each normalized per example.
 
     The input is channels-last, ``(batch, *spatial, size)``: the **first** axis is the batch
@@ -383,17 +411,11 @@ class GroupNorm(Module):
             channels (layer normalization over every non-batch axis), ``num_groups=size``
             normalizes each channel alone (instance normalization).
         size: number of channels (the last axis of the input).
-        epsilon: added to the variance before the square root.
-        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
-        use_bias: whether to add a learned ``bias`` (``params["bias"]``).
-        scale_init: initializer of ``scale``, of shape ``(size,)``.
-        bias_init: initializer of ``bias``, of shape ``(size,)``.
-        dtype: the computation dtype (None: inferred from inputs and parameters).
-        param_dtype: the storage dtype of the parameters.
+        {norm_args}
 
     Raises:
-        LayerConfigError: if ``num_groups`` or ``size`` is not a positive int, or
-            ``num_groups`` does not divide ``size``.
+        LayerConfigError: if ``num_groups`` or ``size`` is not a positive int,
+            ``num_groups`` does not divide ``size``, or ``epsilon`` is negative.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -421,19 +443,9 @@ class GroupNorm(Module):
         param_dtype: Any = jnp.float32,
     ):
         super().__init__()
-        self.num_groups = positive_int("GroupNorm", "num_groups", num_groups)
-        self.size = positive_int("GroupNorm", "size", size)
-        if self.size % self.num_groups:
-            divisors = [d for d in range(1, self.size + 1) if self.size % d == 0]
-            raise errors.LayerConfigError(
-                f"GroupNorm: num_groups={self.num_groups} must divide size={self.size}, so "
-                f"that every group holds the same number of channels. Choose num_groups among "
-                f"the divisors of {self.size}: {divisors}."
-            )
-        self.epsilon = epsilon
-        self.dtype = layer_dtype("GroupNorm", dtype)
-        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
-        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
+        self._check(size, epsilon, dtype)
+        self.num_groups = check_divisor("GroupNorm", "num_groups", num_groups, size=self.size)
+        self._add_scale_and_bias(use_scale, use_bias, scale_init, bias_init, param_dtype)
 
     def extra_repr(self) -> str:
         config = f"num_groups={self.num_groups}, size={self.size}, epsilon={self.epsilon}"
@@ -472,7 +484,8 @@ class GroupNorm(Module):
         return _scale_and_shift(y, self.scale, self.bias, dtype)
 
 
-class InstanceNorm(Module):
+@fill_docstring(norm_args=_NORM_ARGS_DOC)
+class InstanceNorm(_AffineNorm):
     """Instance normalization: each channel of each example normalized over the spatial axes.
 
     The input is channels-last, ``(batch, *spatial, size)`` with at least one spatial axis:
@@ -496,16 +509,10 @@ class InstanceNorm(Module):
 
     Args:
         size: number of channels (the last axis of the input).
-        epsilon: added to the variance before the square root.
-        use_scale: whether to multiply by a learned ``scale`` (``params["scale"]``).
-        use_bias: whether to add a learned ``bias`` (``params["bias"]``).
-        scale_init: initializer of ``scale``, of shape ``(size,)``.
-        bias_init: initializer of ``bias``, of shape ``(size,)``.
-        dtype: the computation dtype (None: inferred from inputs and parameters).
-        param_dtype: the storage dtype of the parameters.
+        {norm_args}
 
     Raises:
-        LayerConfigError: if ``size`` is not a positive int.
+        LayerConfigError: if ``size`` is not a positive int or ``epsilon`` is negative.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -519,24 +526,6 @@ class InstanceNorm(Module):
         Array([[1., 1., 1.],
                [1., 1., 1.]], dtype=float32)
     """
-
-    def __init__(
-        self,
-        size: int,
-        epsilon: float = 1e-5,
-        use_scale: bool = True,
-        use_bias: bool = True,
-        scale_init: Initializer = initializers.ones,
-        bias_init: Initializer = initializers.zeros,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-    ):
-        super().__init__()
-        self.size = positive_int("InstanceNorm", "size", size)
-        self.epsilon = epsilon
-        self.dtype = layer_dtype("InstanceNorm", dtype)
-        self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
-        self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
 
     def extra_repr(self) -> str:
         return _affine_repr(self, f"size={self.size}, epsilon={self.epsilon}")

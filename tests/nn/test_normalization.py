@@ -2,6 +2,8 @@
 statistics, cross-device statistics, numerical safety, dtypes and errors. LayerNorm, RMSNorm,
 GroupNorm and InstanceNorm: PyTorch parity, what is pooled, numerical safety, dtypes and errors."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,7 +176,7 @@ def test_single_example_is_fine_in_evaluation():
     assert y.shape == (1, 3)
 
 
-@pytest.mark.parametrize("momentum", [-0.1, 1.5])
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, "0.9", float("nan")])
 def test_bad_momentum(momentum):
     with pytest.raises(mx.errors.LayerConfigError, match="1 - PyTorch's value"):
         mx.BatchNorm(3, momentum=momentum)
@@ -459,3 +461,36 @@ def test_norm_repr():
         == "size=4, epsilon=0.001, use_scale=False, use_bias=False"
     )
     assert "num_groups=2, size=4, epsilon=1e-05" in repr(GroupNorm(2, 4))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda epsilon: mx.BatchNorm(3, epsilon=epsilon),
+        lambda epsilon: LayerNorm(3, epsilon=epsilon),
+        lambda epsilon: RMSNorm(3, epsilon=epsilon),
+        lambda epsilon: GroupNorm(1, 3, epsilon=epsilon),
+        lambda epsilon: InstanceNorm(3, epsilon=epsilon),
+    ],
+)
+@pytest.mark.parametrize("epsilon", [-1e-5, float("inf"), "1e-5", None])
+def test_bad_epsilon(make, epsilon):
+    with pytest.raises(mx.errors.LayerConfigError) as info:
+        make(epsilon)
+    message = str(info.value)
+    layer = message.split(":")[0]
+    assert layer in {"BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"}
+    assert "`epsilon` must be a finite number >= 0" in message and repr(epsilon) in message
+    assert make(0).epsilon == 0.0  # zero is allowed: exact whenever the variance is positive
+
+
+@pytest.mark.parametrize("layer", [LayerNorm, InstanceNorm, GroupNorm, mx.BatchNorm, RMSNorm])
+def test_norms_show_their_arguments(layer):
+    # LayerNorm and InstanceNorm inherit the shared constructor: explicit keywords, each one
+    # documented.
+    parameters = inspect.signature(layer).parameters
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters.values())
+    doc = inspect.getdoc(layer)
+    for name in parameters:
+        assert f"\n    {name}: " in doc
+    assert "{norm_args}" not in doc
