@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import metoryx as mx
-from metoryx.layout import torch_conversions
 from metoryx.interop.torch import load_state_dict, to_state_dict
+from metoryx.layout import torch_conversions
 from metoryx.nn.attention import MultiHeadAttention, RotaryEmbedding, dot_product_attention
 
 FORWARD_TOL = 1e-5

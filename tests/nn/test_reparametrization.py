@@ -8,8 +8,8 @@ import pytest
 import metoryx as mx
 from conftest import FORWARD_TOL, GRAD_TOL
 from metoryx import errors
-from metoryx.layout import TorchConversion
 from metoryx.interop.torch import load_state_dict, to_state_dict
+from metoryx.layout import TorchConversion
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
 
 NCHW_TO_NHWC = (0, 2, 3, 1)
