@@ -91,8 +91,14 @@ def _pyright(directory: Path) -> list[dict]:
         "pyright"
     )
     assert pyright is not None, "pyright is part of the test extra: pip install -e '.[test]'"
-    # extraPaths: an editable install's import hook is invisible to pyright.
-    config = {"pythonVersion": "3.11", "typeCheckingMode": "standard", "extraPaths": [str(ROOT)]}
+    # extraPaths: an editable install's import hook is invisible to pyright. A missing optional
+    # package (torch on Python >= 3.12) is a warning; wrong.py proves metoryx itself resolves.
+    config = {
+        "pythonVersion": "3.11",
+        "typeCheckingMode": "standard",
+        "extraPaths": [str(ROOT)],
+        "reportMissingImports": "warning",
+    }
     (directory / "pyrightconfig.json").write_text(json.dumps(config))
     result = subprocess.run(
         [pyright, "--outputjson", "--pythonpath", sys.executable, str(directory)],

@@ -20,15 +20,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import get_opaque_trace_state as _get_trace_state
 
 from metoryx import errors
 from metoryx._core.paths import Path, path_str
 from metoryx._core.variables import Variable
-
-try:  # JAX >= 0.4.36 exports it here; jax.core's copy is deprecated
-    from jax.extend.core import get_opaque_trace_state as _get_trace_state
-except ImportError:  # pragma: no cover - older JAX
-    from jax.core import get_opaque_trace_state as _get_trace_state
 
 
 def trace_state() -> Any:

@@ -92,8 +92,9 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     on every JAX version and one eager dispatch. (A ``jit(inline=True)`` helper is no longer
     inlined into jaxprs by JAX 0.12, and ``lax.broadcast_to_rank`` costs a second dispatch.)
     """
-    # The documented read of an option; the Config stub declares none of them.
-    if jax.config.jax_numpy_rank_promotion == "allow":  # pyright: ignore[reportAttributeAccessIssue]
+    # The documented read of an option (the context's value); some JAX versions' stubs lack it.
+    config: Any = jax.config
+    if config.jax_numpy_rank_promotion == "allow":  # the default: no context to enter
         return y + bias
     with jax.numpy_rank_promotion("allow"):
         return y + bias
