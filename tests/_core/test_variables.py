@@ -208,3 +208,37 @@ def test_dtype_of_init_output_follows_the_declaration():
     v = mx.init(M())(0)
     assert v["params"]["w"].dtype == jnp.bfloat16
     assert v["counts"]["n"].dtype == jnp.int32
+
+
+class _Scaled(mx.Module):
+    def __init__(self):
+        self.scale = mx.Parameter(mx.initializers.ones, (3,))
+
+    def __call__(self, x):
+        return -self.scale * x
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mx.Dense(3, 4)(jnp.ones((2, 3))),  # x @ kernel: the reflected operator
+        lambda: _Scaled()(jnp.ones(3)),  # unary minus, then a product
+        lambda: mx.Parameter(mx.initializers.zeros, (2,))[0],
+    ],
+)
+def test_a_variable_used_as_an_array_before_transform_says_to_transform_first(call):
+    with pytest.raises(errors.ApplyContextError, match=r"definition world.*mx\.transform\(model\)"):
+        call()
+
+
+def test_a_variable_keeps_identity_equality_and_hashing():
+    # The operators above must not reach ==/hash: models are walked by identity.
+    a, b = mx.Parameter(mx.initializers.zeros, (2,)), mx.Parameter(mx.initializers.zeros, (2,))
+    assert a == a and a != b and len({a, b, a}) == 2
+
+
+def test_shape_and_dtype_are_read_only_descriptions():
+    p = mx.Parameter(mx.initializers.zeros, [2, 3], jnp.float16)
+    assert p.shape == (2, 3) and p.dtype == jnp.float16
+    with pytest.raises(AttributeError):
+        p.shape = (3, 2)
