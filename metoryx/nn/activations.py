@@ -63,7 +63,7 @@ from jax.numpy import tanh
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
-from metoryx.nn._arguments import positive_int
+from metoryx.nn._arguments import check_number, positive_int
 from metoryx.nn._compute import cast, compute_dtype, layer_dtype
 
 __all__ = [
@@ -101,12 +101,13 @@ class PReLU(Module):
 
     Args:
         size: number of slopes: 1 (shared) or the number of channels.
-        init_value: the starting value of every slope.
-        param_dtype: the storage dtype of the parameters.
+        init_value: the starting value of every slope, a finite number.
         dtype: the computation dtype (None: inferred from inputs and parameters).
+        param_dtype: the storage dtype of the parameters.
 
     Raises:
-        LayerConfigError: if ``size`` is not a positive int.
+        LayerConfigError: if ``size`` is not a positive int or ``init_value`` is not a
+            finite number.
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -123,11 +124,14 @@ class PReLU(Module):
         self,
         size: int = 1,
         init_value: float = 0.25,
-        param_dtype: Any = jnp.float32,
         dtype: Any = None,
+        param_dtype: Any = jnp.float32,
     ):
         super().__init__()
         self.size = positive_int("PReLU", "size", size)
+        init_value = check_number(
+            "PReLU", "init_value", init_value, fix="Pass a slope such as init_value=0.25."
+        )
         self.dtype = layer_dtype("PReLU", dtype)
         self.weight = Parameter(initializers.constant(init_value), (self.size,), param_dtype)
 

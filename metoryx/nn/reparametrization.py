@@ -38,7 +38,7 @@ from metoryx._core.override import overridden
 from metoryx._core.variables import Parameter, State
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, torch_conversions
-from metoryx.nn._arguments import positive_int
+from metoryx.nn._arguments import check_epsilon, positive_int
 from metoryx.nn._compute import at_least_float32, cast, compute_dtype, training_flag
 
 #: The weight a wrapper takes by default, in order of preference, with its output axis.
@@ -225,12 +225,12 @@ class SpectralNorm(Module):
         axis: the axis of the weight that gives the matrix's rows; None for the weight's
             output axis (see the module docs).
         n_power_iterations: power-iteration steps per training call.
-        epsilon: the smallest norm a vector is divided by when normalized.
+        epsilon: the smallest norm a vector is divided by when normalized, ``>= 0``.
 
     Raises:
         LayerConfigError: if ``layer`` is not a module, has no such weight, the weight has
-            fewer than 2 axes, ``axis`` is not an axis of it, or ``n_power_iterations`` is not
-            a positive int.
+            fewer than 2 axes, ``axis`` is not an axis of it, ``n_power_iterations`` is not a
+            positive int, or ``epsilon`` is negative.
 
     Attributes:
         layer: the wrapped layer, unchanged: its own variables (the weight ``W`` included)
@@ -277,7 +277,7 @@ class SpectralNorm(Module):
         self.n_power_iterations = positive_int(
             "SpectralNorm", "n_power_iterations", n_power_iterations
         )
-        self.epsilon = epsilon
+        self.epsilon = check_epsilon("SpectralNorm", epsilon)
         rows = weight.shape[self.axis]
         stats_dtype = at_least_float32(weight.dtype)
         self.u = State("spectral_stats", _random_unit_vector, (rows,), stats_dtype)

@@ -1,6 +1,8 @@
 """Activations: JAX's functions re-exported as they are, documented in the module; PReLU against
 PyTorch, its variables, dtypes and errors."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,3 +123,15 @@ def test_wrong_channels(shape):
 def test_bad_size(size):
     with pytest.raises(mx.errors.LayerConfigError, match="PReLU: `size` must be a positive int"):
         PReLU(size)
+
+
+@pytest.mark.parametrize("init_value", [float("nan"), "0.25", None])
+def test_bad_init_value(init_value):
+    with pytest.raises(mx.errors.LayerConfigError, match="PReLU: `init_value` must be a finite"):
+        PReLU(2, init_value)
+
+
+def test_dtype_arguments_in_the_order_of_every_layer():
+    assert list(inspect.signature(PReLU).parameters)[-2:] == ["dtype", "param_dtype"]
+    layer = PReLU(2, 0.1, jnp.bfloat16, jnp.float16)
+    assert layer.dtype == jnp.bfloat16 and layer.weight.dtype == jnp.float16

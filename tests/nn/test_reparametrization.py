@@ -314,6 +314,12 @@ def test_bad_configurations(wrapper, make, match):
     assert str(info.value).startswith(wrapper.__name__)
 
 
+@pytest.mark.parametrize("epsilon", [-1e-12, float("nan"), "1e-12"])
+def test_spectral_norm_bad_epsilon(epsilon):
+    with pytest.raises(errors.LayerConfigError, match="SpectralNorm: `epsilon` must be a finite"):
+        SpectralNorm(mx.Dense(3, 4), epsilon=epsilon)
+
+
 class Table(mx.Module):
     """A module whose weight is neither `kernel` nor `embedding`, in PyTorch's (out, in)."""
 
