@@ -3,6 +3,8 @@
 #
 #   ./dev.sh example [args]       train the flagship example (examples/train_digits.py)
 #   ./dev.sh test [pytest args]   run the whole test suite
+#   ./dev.sh lint                 ruff: lint (ruff check) and formatting (ruff format --check)
+#   ./dev.sh hooks                install the git hooks of .pre-commit-config.yaml (ruff, pyright)
 #
 # Needs only Python >= 3.11 with pip. The interpreter is $PYTHON (default: python3); its venv
 # lives in .venv-pythonX.Y in the repository and is created on first use. Re-running is quick:
@@ -10,7 +12,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: ./dev.sh example [args] | ./dev.sh test [pytest args]" >&2
+    echo "usage: ./dev.sh example [args] | test [pytest args] | lint | hooks" >&2
     exit 2
 }
 
@@ -19,7 +21,8 @@ command="$1"
 shift
 case "$command" in
     example) extra="examples" ;;
-    test) extra="test" ;;
+    test | lint) extra="test" ;; # the test extra carries the pinned ruff and pyright
+    hooks) extra="dev" ;;
     *) usage ;;
 esac
 
@@ -47,4 +50,13 @@ fi
 case "$command" in
     example) exec "$venv/bin/python" examples/train_digits.py --out out/digits "$@" ;;
     test) exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
+    lint)
+        # Both run, so that one report shows every problem; the fix is `ruff check --fix` and
+        # `ruff format` on the files named.
+        status=0
+        "$venv/bin/ruff" check . || status=1
+        "$venv/bin/ruff" format --check . || status=1
+        exit "$status"
+        ;;
+    hooks) exec "$venv/bin/pre-commit" install ;;
 esac
