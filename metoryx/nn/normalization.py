@@ -38,6 +38,18 @@ dtype: the computation dtype (None: inferred from inputs and parameters).
 param_dtype: the storage dtype of the parameters.
 """
 
+# What the calls of LayerNorm and RMSNorm take, return and raise.
+_LAST_AXIS_CALL_DOC = """
+Args:
+    x: input of shape ``(*batch, size)``, any number of leading batch axes.
+
+Returns:
+    The normalized input, of the shape of ``x`` and the computation dtype.
+
+Raises:
+    InputShapeError: if ``x`` is a scalar or its last axis is not ``size`` long.
+"""
+
 
 class _Normalization(Module):
     """What the normalization layers share: the checked ``size``, ``epsilon`` and ``dtype``,
@@ -294,21 +306,13 @@ class LayerNorm(_AffineNorm):
         """``torch.nn.LayerNorm``: ``weight`` is the scale."""
         return _torch_scale(self)
 
+    @fill_docstring(last_axis_call=_LAST_AXIS_CALL_DOC)
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalizes ``x`` over its last axis.
 
-        Args:
-            x: input of shape ``(*batch, size)``, any number of leading batch axes.
-
-        Returns:
-            The normalized input, of the shape of ``x`` and the computation dtype.
-
-        Raises:
-            InputShapeError: if ``x`` is a scalar or its last axis is not ``size`` long.
+        {last_axis_call}
         """
-        if not isinstance(x, jax.Array):
-            x = jnp.asarray(x)
-        _check_input(self, x.shape, 1, "(..., {size})", _FEATURES_LAST)
+        x = _checked_input(self, x, 1, "(..., {size})", _FEATURES_LAST)
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
         y = _standardize(cast(x, at_least_float32(dtype)), (x.ndim - 1,), self.epsilon)
         return _scale_and_shift(y, self.scale, self.bias, dtype)
@@ -364,21 +368,13 @@ class RMSNorm(_Normalization):
         """``torch.nn.RMSNorm``: ``weight`` is the scale."""
         return _torch_scale(self)
 
+    @fill_docstring(last_axis_call=_LAST_AXIS_CALL_DOC)
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalizes ``x`` over its last axis.
 
-        Args:
-            x: input of shape ``(*batch, size)``, any number of leading batch axes.
-
-        Returns:
-            The normalized input, of the shape of ``x`` and the computation dtype.
-
-        Raises:
-            InputShapeError: if ``x`` is a scalar or its last axis is not ``size`` long.
+        {last_axis_call}
         """
-        if not isinstance(x, jax.Array):
-            x = jnp.asarray(x)
-        _check_input(self, x.shape, 1, "(..., {size})", _FEATURES_LAST)
+        x = _checked_input(self, x, 1, "(..., {size})", _FEATURES_LAST)
         dtype = compute_dtype(self.dtype, x, self.scale)
         x = cast(x, at_least_float32(dtype))
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
@@ -469,9 +465,7 @@ class GroupNorm(_Normalization):
             InputShapeError: if ``x`` has fewer than 2 axes or its last axis is not ``size``
                 long.
         """
-        if not isinstance(x, jax.Array):
-            x = jnp.asarray(x)
-        _check_input(self, x.shape, 2, "(batch, *spatial, {size}) (2+ axes)", _BATCH_FIRST)
+        x = _checked_input(self, x, 2, "(batch, *spatial, {size}) (2+ axes)", _BATCH_FIRST)
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
         shape = x.shape
         # (batch, *spatial, groups, channels per group): statistics over all axes but the
@@ -548,11 +542,9 @@ class InstanceNorm(_AffineNorm):
             InputShapeError: if ``x`` has fewer than 3 axes or its last axis is not ``size``
                 long.
         """
-        if not isinstance(x, jax.Array):
-            x = jnp.asarray(x)
-        _check_input(
+        x = _checked_input(
             self,
-            x.shape,
+            x,
             3,
             "(batch, *spatial, {size}) with at least one spatial axis",
             _BATCH_FIRST,
@@ -574,18 +566,21 @@ _BATCH_FIRST = (
 )
 
 
-def _check_input(
+def _checked_input(
     module: LayerNorm | RMSNorm | GroupNorm | InstanceNorm,
-    shape: tuple[int, ...],
+    x: Any,
     min_ndim: int,
     layout: str,
     fix: str,
-) -> None:
-    """Raises an InputShapeError unless ``shape`` has ``min_ndim`` axes or more and its last
-    axis is ``module.size`` long; ``layout`` (formatted with ``size``) and ``fix`` are the
+) -> jax.Array:
+    """``x`` as an array, or an InputShapeError unless it has ``min_ndim`` axes or more and its
+    last axis is ``module.size`` long; ``layout`` (formatted with ``size``) and ``fix`` are the
     expected shape and the advice in the message."""
+    if not isinstance(x, jax.Array):
+        x = jnp.asarray(x)
+    shape = x.shape
     if len(shape) >= min_ndim and shape[-1] == module.size:
-        return
+        return x
     raise errors.InputShapeError(
         f"{module_label(module)}: expected an input of shape {layout.format(size=module.size)}, "
         f"with size={module.size} features on the last axis, got shape {shape}. {fix}"
