@@ -42,6 +42,10 @@ default bias of a layer with fan-in ``n``        ``uniform(-n ** -0.5, n ** -0.5
   they equal the ``float32`` array rounded. Drawn directly in ``bfloat16``, JAX's samples take
   only 128 distinct values, with a mean off by -0.012 standard deviations and normal tails
   cut at 2.9.
+- The uniform ones map the random bits to ``[minval, maxval)`` with one subtraction and one
+  multiply, where ``jax.random.uniform`` multiplies and then adds: the same distribution, other
+  last bits, and no fused multiply-add for the compiler to apply in one program and not in
+  another (see "Drawn together" in :class:`Initializer`).
 - Bad settings raise :class:`metoryx.errors.LayerConfigError` when the factory is called; a
   shape an initializer cannot fill raises it when the initializer is called.
 
@@ -64,6 +68,8 @@ from typing import Literal, Protocol, TypeAlias, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from metoryx._docstrings import fill_docstring
@@ -116,9 +122,17 @@ class Initializer(Protocol):
 
     **Drawn together.** An initializer with the attribute ``vectorizable = True`` promises to be
     a pure, traceable function of its key: ``init_fn`` then draws all variables that share it
-    (by ``==``), their shape and their dtype in one ``jax.vmap`` over their keys, which gives
-    the same bits as drawing them one by one and keeps ``jax.jit(init_fn)`` of a deep model as
-    small to compile as a shallow one. The random initializers made here have it, except
+    (by ``==``), their shape and their dtype in one ``jax.vmap`` over their keys (a loop under
+    ``jax.jit``), which keeps ``jax.jit(init_fn)`` of a deep model as small to compile as a
+    shallow one. Each draw keeps its own key and runs the initializer's own operations, so it is
+    the one-by-one draw, to the one limit the compiler sets: XLA:CPU decides per compiled kernel,
+    by how it vectorises it (so by the CPU's vector width), whether a multiply and the add it
+    feeds become one fused multiply-add, rounded once instead of twice. The uniform initializers
+    here (:func:`uniform`, the ``*_uniform`` ones, ``variance_scaling(..., "uniform")``) have no
+    such pair, so their grouped draws are the one-by-one bits on every CPU. The normal ones
+    evaluate polynomials (the inverse error function), so theirs may differ in the last bits of
+    the ``float32`` sample: by a few ``float32`` ulps of the largest value, and at most one ulp
+    of a half-precision dtype after rounding. The random initializers made here have it, except
     :func:`orthogonal`, and two made by the same factory with the same settings are equal
     (``he_uniform() == he_uniform()``). Any other initializer is called once per variable;
     for those that ignore the key (:func:`zeros`, :func:`ones`, :func:`constant`) that is the
@@ -345,9 +359,7 @@ def uniform(minval: float = 0.0, maxval: float = 1.0) -> Initializer:
         )
 
     def init(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
-        return _draw_flat(
-            lambda k, n, d: jax.random.uniform(k, n, d, minval, maxval), key, shape, dtype
-        )
+        return _draw_flat(lambda k, n, d: _uniform(k, n, d, minval, maxval), key, shape, dtype)
 
     return _Vectorizable(init, "uniform", minval=minval, maxval=maxval)
 
@@ -425,7 +437,7 @@ def variance_scaling(
             draw = jax.nn.initializers.normal(std)
         elif distribution == "uniform":
             bound = math.sqrt(3.0) * std
-            draw = lambda k, n, d: jax.random.uniform(k, n, d, -bound, bound)  # noqa: E731
+            draw = lambda k, n, d: _uniform(k, n, d, -bound, bound)  # noqa: E731
         else:  # the cut at 2 standard deviations shrinks the spread: undo it
             draw = jax.nn.initializers.truncated_normal(std / _TRUNCATED_STD)
         return _draw_flat(draw, key, shape, dtype)
@@ -715,6 +727,34 @@ def _draw_flat(
     shape = tuple(shape)
     flat = sample(key, (math.prod(shape),), _sampling_dtype(dtype))
     return flat.reshape(shape).astype(dtype)
+
+
+def _uniform(
+    key: jax.Array, shape: Sequence[int], dtype: DTypeLike, minval: float, maxval: float
+) -> jax.Array:
+    """Uniform draws in ``[minval, maxval)`` whose bits no compiler choice can change.
+
+    ``jax.random.uniform`` maps a draw ``u`` in ``[0, 1)`` to ``u * (maxval - minval) + minval``:
+    a multiply feeding an add, which XLA:CPU may compile into one fused multiply-add (one
+    rounding) or into two roundings, decided per kernel by how it vectorises it, so by the CPU's
+    vector width and by what else the kernel holds. Where the sum nearly cancels (values near 0
+    of symmetric bounds) the two differ by dozens of ulps, and the same draw made alone and in a
+    group (``_core/init.py``) could round differently. Here ``f`` in ``[1, 2)`` is made exactly
+    from the bits, then ``(f - c) * s``: one subtraction (exact when ``minval <= 0 <= maxval``)
+    and one multiply, each rounded once, then a clamp; no multiply feeds an add.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return jax.random.uniform(key, shape, dtype, minval, maxval)  # JAX's own error
+    info = jnp.finfo(dtype)
+    uint = jnp.dtype(f"uint{info.bits}")
+    bits = jax.random.bits(key, tuple(shape), uint)
+    one = np.array(1, dtype).view(uint)
+    floats = lax.bitcast_convert_type((bits >> (info.bits - info.nmant)) | one, dtype)
+    scale = maxval - minval
+    values = (floats - np.array(1.0 - minval / scale, dtype)) * np.array(scale, dtype)
+    low = np.array(minval, dtype)
+    return lax.clamp(low, values, np.nextafter(np.array(maxval, dtype), low))
 
 
 def _sampling_dtype(dtype: DTypeLike) -> DTypeLike:

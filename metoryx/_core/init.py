@@ -5,8 +5,11 @@ Drawing each variable with its own call puts one random program per variable int
 Variables that share an initializer (by ``==``), a shape and a dtype are therefore drawn
 together: one ``jax.vmap`` of the initializer over their stacked path-derived keys, split
 into the variables by slices, or under a trace by gathers that XLA compiles as one kernel for
-the whole group (``_split``). The bits are those of the one-by-one draws (``fold_in`` and
-JAX's samplers give the same values batched), so grouping is invisible in ``variables``.
+the whole group (``_split``). Each draw keeps its key and the initializer's operations, so it
+is the one-by-one draw; its bits are too wherever the compiler cannot round the two kernels
+differently, which the uniform initializers guarantee and the normal ones do not (a fused
+multiply-add XLA:CPU makes in one kernel and not in the other: ``Initializer`` in
+``metoryx.initializers`` states the bound).
 
 Only initializers that declare ``vectorizable = True`` (see ``metoryx.initializers``) are
 grouped: vmap calls a function once, with tracers, so one with Python side effects, one that

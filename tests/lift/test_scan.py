@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerance import assert_close  # tests/_tolerance.py
 from trees import assert_trees_equal  # tests/lift/trees.py
 
 import metoryx as mx
@@ -89,10 +90,16 @@ def test_repeat_equals_the_unrolled_model_values_gradients_and_state(options):
     step = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
     (ls, new_s), gs = step(variables["params"], apply_s, variables)
     (lu, new_u), gu = step(flat["params"], apply_u, flat)
-    np.testing.assert_allclose(ls, lu, rtol=1e-6)
-    assert_trees_equal(mx.unstack(stacked, {"params": gs})["params"], gu, exact=False)
+    # The loop and the unrolled program round differently (XLA fuses and orders their sums
+    # apart): ~100 roundings along the way (3 blocks of a 4-term dot, 3-sample statistics and
+    # tanh, forward and backward, and the 12-term loss). The fc biases' gradients are 0 in
+    # exact math (BatchNorm cancels a bias), so only their neighbours' scale bounds them.
+    assert_close(ls, lu, n=100)
+    assert_trees_equal(mx.unstack(stacked, {"params": gs})["params"], gu, exact=False, n=100)
     # Each copy's batch statistics were updated with that copy's own batch.
-    assert_trees_equal(mx.unstack(stacked, new_s)["batch_stats"], new_u["batch_stats"], False)
+    assert_trees_equal(
+        mx.unstack(stacked, new_s)["batch_stats"], new_u["batch_stats"], exact=False, n=100
+    )
     assert not np.allclose(new_s["batch_stats"]["blocks"]["norm"]["mean"], 0.0)
 
 
