@@ -145,8 +145,8 @@ def capture(
             f"mx.capture expects the apply_fn of mx.transform(model), got {apply_fn!r}. Capture "
             f"first, then jit: jax.jit(mx.capture(apply_fn, ...))."
         )
-    sown_patterns = () if sown is None else (sown,) if isinstance(sown, str) else tuple(sown)
-    output_patterns = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    sown_patterns = () if sown is None else _patterns("sown", sown)
+    output_patterns = _patterns("outputs", outputs)
     selected: dict[str, Module] = {}
     for path, module in snapshot.modules:
         key = "/".join(path)
@@ -168,6 +168,17 @@ def capture(
         return out, new_variables, {k: tuple(v) for k, v in found.items()}
 
     return captured
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    """A pattern or a sequence of them as a tuple of ``fnmatch`` patterns."""
+    patterns = (value,) if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise errors.LayerConfigError(
+            f"mx.capture: `{name}` must be a pattern such as 'encoder/*' or a list of them, "
+            f"got {value!r:.60}. Patterns match '<module path>/<name>' keys (fnmatch)."
+        )
+    return tuple(patterns)
 
 
 def _record_outputs(module: Module, key: str) -> None:

@@ -262,6 +262,22 @@ def test_a_sown_key_equal_to_a_captured_output_path_is_refused():
         mx.capture(mx.apply(model), outputs="fc")(variables, None, X)
 
 
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"sown": False}, "sown"),
+        ({"sown": 3}, "sown"),
+        ({"sown": ["a", 1]}, "sown"),
+        ({"outputs": None}, "outputs"),
+        ({"outputs": b"fc"}, "outputs"),
+    ],
+)
+def test_capture_patterns_that_are_no_strs_are_refused(net, options, name):
+    apply_fn, _ = net
+    with pytest.raises(errors.LayerConfigError, match=f"mx.capture: `{name}` must be a pattern"):
+        mx.capture(apply_fn, **options)
+
+
 @pytest.mark.parametrize("name", ["a/b", "", 3, None])
 def test_a_sow_name_that_is_no_plain_name_is_refused_captured_or_not(name):
     class Net(mx.Module):

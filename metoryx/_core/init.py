@@ -207,11 +207,18 @@ def _draw_one(key: jax.Array, path: tuple[str, ...], bound: BoundVariable) -> ja
     dtype = jax.dtypes.canonicalize_dtype(var.dtype)
     try:
         value = var.init(fold_in_path(key, path), var.shape, dtype)
-    except Exception as e:
+        if not isinstance(value, jax.Array):
+            value = jnp.asarray(value)
+    except errors.MetoryxError as e:
         e.add_note(f"(raised by the initializer of {path_str(path)}: {var!r})")
         raise
-    if not isinstance(value, jax.Array):
-        value = jnp.asarray(value)
+    except Exception as e:
+        raise errors.VariableDefinitionError(
+            f"{path_str(path)}: its initializer {var.init!r} cannot make an array of dtype "
+            f"{dtype.name} and shape {var.shape} ({type(e).__name__}: {str(e).rstrip('.')}). "
+            f"Give the variable an initializer that makes this dtype (the random ones make "
+            f"floating arrays: use zeros or ones for an integer or bool variable), or that dtype."
+        ) from e
     if value.shape != var.shape:
         raise errors.VariableShapeError(
             f"{path_str(path)}: its initializer {var.init!r} returned shape "

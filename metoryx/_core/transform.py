@@ -309,7 +309,7 @@ def _resolve_method(
     model: Module, root: Module, method: Method, memo: dict[int, Any]
 ) -> Callable[..., Any] | None:
     """The callable that apply_fn runs, bound to the snapshot."""
-    if method is None or method == "__call__":
+    if method is None or (isinstance(method, str) and method == "__call__"):
         return root.__call__ if callable(root) else None
     if isinstance(method, str):
         if not hasattr(type(root), method):

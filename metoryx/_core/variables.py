@@ -28,18 +28,25 @@ def _shape_str(shape: Sequence[int], dtype: Any) -> str:
 def numeric_dtype(dtype: Any) -> np.dtype[Any] | None:
     """``dtype`` as a NumPy dtype if it is one a JAX array can hold (bool, integer, floating,
     complex, including bfloat16 and the float8 types), else None (object, str, bytes,
-    datetime, structured dtypes, and anything that is no dtype)."""
+    datetime, structured dtypes, NumPy's extended precision, and anything that is no dtype,
+    arrays included)."""
+    if isinstance(dtype, (np.ndarray, jax.Array)):  # NumPy would take an array's dtype
+        return None
     try:
         found = jnp.dtype(dtype)
-    except (TypeError, ValueError):
+    except Exception:  # TypeError mostly; NumPy parses "a,b" strings, so SyntaxError too
         return None
+    if found.kind in "fc" and found.itemsize > (8 if found.kind == "f" else 16):
+        return None  # float128, complex256: JAX has no such arrays
     return found if found == np.bool_ or jnp.issubdtype(found, jnp.number) else None
 
 
 def _dtype_kind(dtype: Any) -> str:
+    if isinstance(dtype, (np.ndarray, jax.Array)):
+        return "an array as its dtype"
     try:
         return f"{np.dtype(dtype).name} values"
-    except (TypeError, ValueError):
+    except Exception:
         return "values of an unknown type"
 
 
@@ -140,6 +147,16 @@ class Variable(_ArrayInModuleCode):
         if any(d < 0 for d in shape):
             raise errors.VariableDefinitionError(
                 f"{kind}: `shape` must not contain negative sizes, got {shape}."
+            )
+        if any(d >= 2**63 for d in shape):
+            raise errors.VariableDefinitionError(
+                f"{kind}: `shape` has a size past 2**63 - 1, which no array can have, got "
+                f"{shape}. Check the sizes the variable was built from."
+            )
+        if not isinstance(mutable, (bool, np.bool_)):
+            raise errors.VariableDefinitionError(
+                f"{kind}: `mutable` must be a bool (True: module code may assign it inside "
+                f"apply_fn), got {type(mutable).__name__} {mutable!r:.40}."
             )
         numeric = numeric_dtype(dtype)
         if numeric is None:

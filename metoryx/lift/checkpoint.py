@@ -69,7 +69,16 @@ def checkpoint(
         >>> grads["block"]["layers"]["0"]["kernel"].shape
         (4, 16)
     """
-    statics = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+    statics = _static_argnums(static_argnums)
+    if policy is not None and not callable(policy):
+        raise errors.LayerConfigError(
+            f"mx.checkpoint: `policy` must be None (save nothing) or a policy of "
+            f"jax.checkpoint_policies such as dots_saveable, got {policy!r:.60}."
+        )
+    if not isinstance(prevent_cse, bool):
+        raise errors.LayerConfigError(
+            f"mx.checkpoint: `prevent_cse` must be a bool, got {prevent_cse!r:.60}."
+        )
     if isinstance(module_or_fn, Module) and BINDING not in module_or_fn.__dict__:
         return Checkpointed(module_or_fn, policy, prevent_cse, statics)
     if not callable(module_or_fn):
@@ -77,6 +86,17 @@ def checkpoint(
             f"mx.checkpoint expects a module or a callable, got {type(module_or_fn).__name__}."
         )
     return rematerialized(module_or_fn, policy, prevent_cse, statics)
+
+
+def _static_argnums(value: Any) -> tuple[int, ...]:
+    items = (value,) if not isinstance(value, (list, tuple)) else value
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise errors.LayerConfigError(
+            f"mx.checkpoint: `static_argnums` must be an int or a tuple of ints (the positions "
+            f"of arguments that are Python values), got {value!r:.60}. Pass e.g. "
+            f"static_argnums=(1,)."
+        )
+    return tuple(items)
 
 
 def rematerialized(

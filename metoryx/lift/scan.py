@@ -9,6 +9,7 @@ sequence, its variables shared by every step or stacked one copy per step.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors
+from metoryx._core.arguments import bool_argument
 from metoryx._core.lifting import (
     ALL,
     Region,
@@ -122,10 +124,10 @@ class Scan(Lifted):
         self.length = None if length is None else _check_length(where, length)
         self.variable_axes = check_variable_axes(where, variable_axes, length)
         self.split_rngs = check_split_rngs(where, split_rngs)
-        self.reverse = bool(reverse)
-        self.unroll = unroll
-        self.remat = bool(remat)
-        self.policy = policy
+        self.reverse = bool_argument(where, "reverse", reverse)
+        self.unroll = _check_unroll(where, unroll)
+        self.remat = bool_argument(where, "remat", remat)
+        self.policy = _check_policy(where, policy)
         self.prevent_cse = False  # inside lax.scan, CSE across steps cannot happen
 
     def copies(self, collection: str) -> int | None:
@@ -284,15 +286,15 @@ class Repeat(Lifted):
         unroll: int | bool = 1,
         split_rngs: bool | Sequence[str] = True,
     ):
-        module = layer if isinstance(layer, Module) else layer() if callable(layer) else layer
+        module = layer if isinstance(layer, Module) else _made(layer)
         where = f"mx.Repeat({type(module).__name__})"
         _check_module(where, module)
         self.module = module
         self.length = _check_length(where, n)
-        self.remat = bool(remat)
-        self.policy = policy
+        self.remat = bool_argument(where, "remat", remat)
+        self.policy = _check_policy(where, policy)
         self.prevent_cse = False
-        self.unroll = unroll
+        self.unroll = _check_unroll(where, unroll)
         self.reverse = False
         self.split_rngs = check_split_rngs(where, split_rngs)
 
@@ -326,6 +328,44 @@ def _check_module(where: str, module: Any) -> None:
             f"{where}: expected an mx.Module (or, for mx.Repeat, a function that makes one), "
             f"got {type(module).__name__}. Wrap plain functions in mx.Lambda."
         )
+
+
+def _made(factory: Any) -> Any:
+    """What ``factory()`` makes, if ``factory`` is a function of no arguments; else itself,
+    for ``_check_module`` to name."""
+    if not callable(factory):
+        return factory
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise errors.LayerConfigError(
+            f"mx.Repeat: `layer` must be a module or a function of no arguments that makes "
+            f"one (e.g. lambda: Block(64)), got {factory!r:.60}, which takes arguments."
+        ) from None
+    except ValueError:  # no signature to read (some builtins): just call it
+        pass
+    return factory()
+
+
+def _check_unroll(where: str, unroll: Any) -> int | bool:
+    """``unroll`` as ``jax.lax.scan`` takes it: a positive int, or a bool (True: all steps)."""
+    if isinstance(unroll, (bool, np.bool_)):
+        return bool(unroll)
+    if not isinstance(unroll, (int, np.integer)) or unroll < 1:
+        raise errors.LayerConfigError(
+            f"{where}: `unroll` must be a positive int (steps per loop iteration) or a bool "
+            f"(True unrolls every step), got {unroll!r:.40}."
+        )
+    return int(unroll)
+
+
+def _check_policy(where: str, policy: Any) -> Any:
+    if policy is not None and not callable(policy):
+        raise errors.LayerConfigError(
+            f"{where}: `policy` must be None or a policy of jax.checkpoint_policies such as "
+            f"dots_saveable, got {policy!r:.60}."
+        )
+    return policy
 
 
 def _check_length(where: str, length: Any) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, function_label, module_label
 from metoryx._core.variables import State
 from metoryx.initializers import Initializer
@@ -508,7 +509,7 @@ class MultiHeadAttention(Module):
         if rotary is not None:
             _check_rotary(rotary, self.head_dim)
         self.dropout_rate = check_rate(name, "dropout_rate", dropout_rate)
-        self.use_bias = use_bias
+        self.use_bias = bool_argument("MultiHeadAttention", "use_bias", use_bias)
         self.rotary = rotary
         self.dtype = layer_dtype("MultiHeadAttention", dtype)
         self.param_dtype = param_dtype

@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx._docstrings import fill_docstring
@@ -94,7 +95,7 @@ class _Convolution(Module):
         dtype: Any,
         param_dtype: Any,
     ) -> None:
-        self.use_bias = use_bias
+        self.use_bias = bool_argument(type(self).__name__, "use_bias", use_bias)
         self.dtype = layer_dtype(type(self).__name__, dtype)
         kernel_shape = (*self.kernel_size, self.in_size // self.groups, self.out_size)
         self.kernel = Parameter(kernel_init, kernel_shape, param_dtype)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from metoryx import errors, initializers
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx.initializers import Initializer
@@ -67,7 +68,7 @@ class Dense(Module):
         super().__init__()
         self.in_size = positive_int("Dense", "in_size", in_size)
         self.out_size = positive_int("Dense", "out_size", out_size)
-        self.use_bias = use_bias
+        self.use_bias = bool_argument("Dense", "use_bias", use_bias)
         self.dtype = layer_dtype("Dense", dtype)
         self.kernel = Parameter(kernel_init, (self.in_size, self.out_size), param_dtype)
         self.bias = Parameter(bias_init, (self.out_size,), param_dtype) if use_bias else None

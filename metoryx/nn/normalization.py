@@ -13,6 +13,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter, State
 from metoryx._docstrings import fill_docstring
@@ -69,6 +70,9 @@ class _Normalization(Module):
         bias_init: Initializer,
         param_dtype: Any,
     ) -> None:
+        name = type(self).__name__
+        use_scale = bool_argument(name, "use_scale", use_scale)
+        use_bias = bool_argument(name, "use_bias", use_bias)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
         self.bias = Parameter(bias_init, (self.size,), param_dtype) if use_bias else None
 
@@ -358,6 +362,7 @@ class RMSNorm(_Normalization):
     ):
         super().__init__()
         self._check(size, epsilon, dtype)
+        use_scale = bool_argument("RMSNorm", "use_scale", use_scale)
         self.scale = Parameter(scale_init, (self.size,), param_dtype) if use_scale else None
 
     def extra_repr(self) -> str:

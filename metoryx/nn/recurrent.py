@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, module_label
 from metoryx._core.variables import Parameter
 from metoryx._docstrings import fill_docstring
@@ -95,7 +96,7 @@ class _Cell(Module):
         name = type(self).__name__
         self.in_size = positive_int(name, "in_size", in_size)
         self.hidden_size = positive_int(name, "hidden_size", hidden_size)
-        self.use_bias = use_bias
+        self.use_bias = bool_argument(name, "use_bias", use_bias)
         self.dtype = layer_dtype(type(self).__name__, dtype)
         self.param_dtype = param_dtype
         width = self._gates * self.hidden_size
@@ -500,9 +501,9 @@ class RNN(Module):
                 f"{type(cell).__name__}. A custom cell subclasses mx.Module and defines both."
             )
         self.cell = cell
-        self.return_sequences = return_sequences
-        self.reverse = reverse
-        self.time_major = time_major
+        self.return_sequences = bool_argument("RNN", "return_sequences", return_sequences)
+        self.reverse = bool_argument("RNN", "reverse", reverse)
+        self.time_major = bool_argument("RNN", "time_major", time_major)
         self.unroll = positive_int("RNN", "unroll", unroll)
 
     def extra_repr(self) -> str:
@@ -682,7 +683,7 @@ class Bidirectional(Module):
                     f"`backward` has {option}={getattr(backward, option)}. Build both with "
                     f"the same {option}."
                 )
-        if merge not in _MERGES:
+        if not isinstance(merge, str) or merge not in _MERGES:
             raise errors.LayerConfigError(
                 f"Bidirectional: `merge` must be one of {sorted(_MERGES)}, got {merge!r}. "
                 f'Use merge="concat" for the layout of a bidirectional PyTorch RNN.'

@@ -110,7 +110,7 @@ class WeightNorm(Module):
         self.layer = layer
         self.name, weight = _weight("WeightNorm", layer, name)
         axes: tuple[int, ...]
-        if axis is None or isinstance(axis, int):
+        if not isinstance(axis, (list, tuple)):  # None, an int, or a mistake _axis names
             axes = (_axis("WeightNorm", self.name, weight, axis),)
         else:
             axes = tuple(sorted(_axis("WeightNorm", self.name, weight, a) for a in axis))
@@ -397,7 +397,7 @@ def _weight(wrapper: str, layer: Any, name: str | None) -> tuple[str, Parameter]
                 f"the weights taken by default; its Parameters are {parameters or 'none'}. "
                 f"Pass name= the attribute that holds the weight, and axis= its output axis."
             )
-    elif name not in parameters:
+    elif not isinstance(name, str) or name not in parameters:
         raise errors.LayerConfigError(
             f"{wrapper}: name={name!r} is not a Parameter of {type(layer).__name__} (its "
             f"Parameters are {parameters or 'none'}). Pass the attribute that holds the "

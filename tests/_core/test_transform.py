@@ -178,6 +178,8 @@ def test_method_of_a_foreign_module_and_non_callable_are_errors():
         mx.transform(MLP(), method=mx.Dense(4, 2).__call__)
     with pytest.raises(errors.MethodError, match="got int"):
         mx.transform(MLP(), method=3)
+    with pytest.raises(errors.MethodError, match="got ndarray"):
+        mx.transform(MLP(), method=np.array(["__call__", "x"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,15 +269,39 @@ def test_initializer_with_wrong_shape_is_a_shape_error_naming_the_path():
     assert "params/layers/1/bias" in message and "(3,)" in message and "(2,)" in message
 
 
-def test_initializer_failure_is_annotated_with_the_path():
+def test_initializer_failure_is_our_error_naming_the_path_with_the_cause_chained():
     def broken(key, shape, dtype):
         raise ZeroDivisionError("boom")
 
     model = MLP()
     model.layers[0].kernel = mx.Parameter(broken, (3, 4))
-    with pytest.raises(ZeroDivisionError) as info:
+    with pytest.raises(errors.VariableDefinitionError) as info:
         mx.init(model)(0)
-    assert any("params/layers/0/kernel" in note for note in info.value.__notes__)
+    message = str(info.value)
+    assert message.startswith("params/layers/0/kernel") and "ZeroDivisionError: boom" in message
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+@pytest.mark.parametrize(
+    ("layer", "cause"),
+    [
+        (lambda: mx.Dense(3, 4, param_dtype=jnp.int32), "int32"),  # a float initializer
+        (lambda: mx.Dense(3, 4, kernel_init=lambda key, shape, dtype: None), "None"),
+        (lambda: mx.Dense(3, 4, kernel_init=len), "len()"),
+        (lambda: mx.Dense(3, 4, kernel_init=object), "object()"),
+    ],
+)
+def test_an_initializer_that_cannot_make_its_array_is_named_at_init(layer, cause):
+    init_fn = mx.init(layer())
+    for fn in (init_fn, jax.jit(init_fn)):
+        with pytest.raises(errors.VariableDefinitionError, match="^params/kernel: its initial"):
+            fn(jax.random.key(0))
+    assert cause in str(pytest.raises(errors.VariableDefinitionError, init_fn, 0).value)
+
+
+def test_integer_variables_start_from_the_key_free_initializers():
+    layer = mx.Dense(3, 4, kernel_init="zeros", param_dtype=jnp.int32)
+    assert mx.init(layer)(0)["params"]["kernel"].dtype == jnp.int32
 
 
 def test_initializer_output_is_cast_to_the_declared_dtype():

@@ -127,6 +127,12 @@ def test_fixed_value_is_what_init_returns_for_any_key_and_clearing_restores_init
         (("params", mx.initializers.zeros, (2,), "U3"), "numeric", "'U3'"),
         (("params", mx.initializers.zeros, (2,), "i4,i4"), "numeric", "'i4,i4'"),
         (("params", mx.initializers.zeros, (2,), "datetime64[s]"), "numeric", "datetime64"),
+        (("params", mx.initializers.zeros, (2,), ","), "numeric", "','"),
+        (("params", mx.initializers.zeros, (2,), "float128"), "numeric", "'float128'"),
+        (("params", mx.initializers.zeros, (2,), np.ones(2)), "numeric", "an array"),
+        (("params", mx.initializers.zeros, (2,), jax.random.key(0)), "numeric", "an array"),
+        (("params", mx.initializers.zeros, (2**63,)), "2\\*\\*63", "9223372036854775808"),
+        (("params", mx.initializers.zeros, (2,), jnp.float32, "yes"), "mutable", "'yes'"),
     ],
 )
 def test_bad_descriptions_raise_variable_definition_error(args, match, got):

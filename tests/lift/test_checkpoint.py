@@ -134,3 +134,18 @@ def test_remat_lowers_the_peak_memory_of_a_deep_train_step():
 def test_checkpoint_of_something_not_callable_says_what_it_takes():
     with pytest.raises(errors.LayerConfigError, match="a module or a callable"):
         mx.checkpoint(3)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"static_argnums": None}, "`static_argnums` must be an int or a tuple of ints"),
+        ({"static_argnums": (0, "1")}, r"`static_argnums`.*\(0, '1'\)"),
+        ({"static_argnums": -1}, "`static_argnums`"),
+        ({"policy": "dots_saveable"}, r"`policy` must be None \(save nothing\) or a policy"),
+        ({"prevent_cse": "yes"}, "`prevent_cse` must be a bool"),
+    ],
+)
+def test_bad_options_are_named_at_construction(options, match):
+    with pytest.raises(errors.LayerConfigError, match=match):
+        mx.checkpoint(mx.Dense(2, 2), **options)

@@ -392,6 +392,28 @@ def test_repeat_errors_name_the_layer_and_the_fix():
         mx.apply(scaled)(mx.init(scaled)(0), None, X, jnp.ones((2, 1)))
 
 
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: mx.Repeat(len, 2), "function of no arguments.*takes arguments"),
+        (lambda: mx.Repeat(lambda d: mx.Dense(d, d), 2), "function of no arguments"),
+        (lambda: mx.Repeat(Block, 2, unroll=0), "`unroll` must be a positive int .* or a bool"),
+        (lambda: mx.Repeat(Block, 2, unroll=1.5), "`unroll`.*1.5"),
+        (lambda: mx.Repeat(Block, 2, policy="dots"), "`policy` must be None"),
+        (lambda: mx.scan(Cell(), length=2, unroll="2"), "`unroll`.*'2'"),
+        (lambda: mx.scan(Cell(), length=2, policy=3), "`policy` must be None"),
+    ],
+)
+def test_bad_options_of_repeat_and_scan_are_named_at_construction(make, match):
+    with pytest.raises(errors.LayerConfigError, match=match):
+        make()
+
+
+def test_unroll_takes_ints_and_bools():
+    assert mx.Repeat(Block, 2, unroll=True).unroll is True
+    assert mx.scan(Cell(), length=2, unroll=np.int64(2)).unroll == 2
+
+
 def test_a_module_cannot_be_shared_across_a_repeat():
     shared = mx.Dense(D, D)
 

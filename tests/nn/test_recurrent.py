@@ -479,6 +479,7 @@ def test_rnn_errors():
             "time_major",
         ),
         (lambda: Bidirectional(_rnn("gru"), _rnn("gru", reverse=True), merge="max"), "'concat'"),
+        (lambda: Bidirectional(_rnn("gru"), _rnn("gru", reverse=True), merge=["sum"]), "['sum']"),
         (lambda: StackedRNN(), "at least one layer"),
         (lambda: StackedRNN([_rnn("gru")]), "layer 0 is a list"),
         (lambda: StackedRNN(_rnn("gru", return_sequences=False), _rnn("gru", H)), "layer 0 has"),

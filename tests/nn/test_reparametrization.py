@@ -305,6 +305,9 @@ def test_bfloat16_weights():
         (lambda w: w(mx.Dense(3, 4), name="in_size"), r"'in_size' is not a Parameter.*'kernel'"),
         (lambda w: w(mx.Dense(3, 4), axis=2), r"axis=2 is not an axis.*\(3, 4\).*\[-2, 1\]"),
         (lambda w: w(mx.Dense(3, 4), axis=True), r"axis=True is not an axis"),
+        (lambda w: w(mx.Dense(3, 4), axis=0.0), r"axis=0.0 is not an axis"),
+        (lambda w: w(mx.Dense(3, 4), name=["kernel"]), r"\['kernel'\] is not a Parameter"),
+        (lambda w: w(mx.Dense(3, 4), name=np.array(["a", "b"])), r"is not a Parameter"),
         (lambda w: w(mx.Einsum("ab,bcd->acd", (2, 3, 4)), name="kernel", axis=-4), "axis=-4"),
     ],
 )
