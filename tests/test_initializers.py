@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerance import assert_close  # tests/_tolerance.py
 
 from metoryx import errors, initializers
 
@@ -119,7 +120,9 @@ def test_jit_vmap_and_eval_shape():
     stacked = jax.jit(jax.vmap(_init_all))(keys)  # one compile for all: compiling is slow
     for i in range(len(keys)):
         for name, x in _init_all(keys[i]).items():
-            np.testing.assert_allclose(stacked[name][i], x, rtol=1e-5, atol=1e-6, err_msg=name)
+            # The same draws; the normal samplers' polynomials may round their last bits
+            # apart in the batched, jitted program (Initializer, "Drawn together").
+            assert_close(stacked[name][i], x)
     abstract = jax.eval_shape(lambda key: _init_all(key, jnp.bfloat16), KEY)
     for name, x in abstract.items():
         assert (x.shape, x.dtype) == (SHAPE, jnp.bfloat16), name
