@@ -157,7 +157,7 @@ def test_apply_rotary_jit_grad_and_dtypes():
         (lambda: sinusoidal_embedding(jnp.arange(3), 7), "`features` must be a positive even"),
         (lambda: sinusoidal_embedding(jnp.arange(3), 0), "got 0"),
         (lambda: sinusoidal_embedding(jnp.arange(3), True), "got True"),
-        (lambda: sinusoidal_embedding(jnp.arange(3), 4, max_timescale=0.0), "positive number"),
+        (lambda: sinusoidal_embedding(jnp.arange(3), 4, max_timescale=0.0), "finite number > 0"),
         (lambda: rotary_frequencies(5), "`head_dim` must be a positive even int"),
         (lambda: rotary_frequencies(8, max_timescale=-1), "got -1"),
         (lambda: apply_rotary(X, jnp.arange(6), max_timescale="big"), "max_timescale"),
