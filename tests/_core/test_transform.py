@@ -245,15 +245,17 @@ def test_fifty_identical_layers_get_fifty_different_starts():
 
 
 def test_same_variable_start_is_independent_of_other_variables_and_their_order():
+    # A uniform initializer: its bits do not depend on where in a group a draw lands (a normal
+    # one's may differ in the last bit there; see mx.initializers.Initializer).
     class A(mx.Module):
         def __init__(self):
-            self.x = mx.Parameter(mx.initializers.normal(), (4,))
-            self.y = mx.Parameter(mx.initializers.normal(), (4,))
+            self.x = mx.Parameter(mx.initializers.uniform(-1.0, 1.0), (4,))
+            self.y = mx.Parameter(mx.initializers.uniform(-1.0, 1.0), (4,))
 
     class B(mx.Module):
         def __init__(self):
-            self.y = mx.Parameter(mx.initializers.normal(), (4,))
-            self.z = mx.Parameter(mx.initializers.normal(), (4,))
+            self.y = mx.Parameter(mx.initializers.uniform(-1.0, 1.0), (4,))
+            self.z = mx.Parameter(mx.initializers.uniform(-1.0, 1.0), (4,))
 
     a, b = mx.init(A())(0), mx.init(B())(0)
     np.testing.assert_array_equal(a["params"]["y"], b["params"]["y"])
@@ -325,7 +327,7 @@ def test_apply_returns_output_and_new_variables_with_the_same_structure():
     # Parameters pass through unchanged (the very same arrays), mutable State is updated.
     assert new["params"]["dense"]["kernel"] is v["params"]["dense"]["kernel"]
     assert int(new["counters"]["steps"]) == 1
-    np.testing.assert_allclose(new["batch_stats"]["mean"], 0.5 * jnp.mean(y, axis=0), rtol=1e-6)
+    assert_close(new["batch_stats"]["mean"], 0.5 * jnp.mean(y, axis=0), n=2)
     # the input dict is not modified
     assert int(v["counters"]["steps"]) == 0
     _, newer = apply_fn(new, None, X)
