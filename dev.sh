@@ -4,6 +4,7 @@
 #   ./dev.sh example [args]       train the flagship example (examples/train_digits.py)
 #   ./dev.sh test [pytest args]   run the whole test suite
 #   ./dev.sh lint                 ruff: lint (ruff check) and formatting (ruff format --check)
+#   ./dev.sh typecheck            pyright over metoryx/ and examples/ (config: pyproject.toml)
 #   ./dev.sh hooks                install the git hooks of .pre-commit-config.yaml (ruff, pyright)
 #
 # Needs only Python >= 3.11 with pip. The interpreter is $PYTHON (default: python3); its venv
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: ./dev.sh example [args] | test [pytest args] | lint | hooks" >&2
+    echo "usage: ./dev.sh example [args] | test [pytest args] | lint | typecheck | hooks" >&2
     exit 2
 }
 
@@ -21,7 +22,7 @@ command="$1"
 shift
 case "$command" in
     example) extra="examples" ;;
-    test | lint) extra="test" ;; # the test extra carries the pinned ruff and pyright
+    test | lint | typecheck) extra="test" ;; # the test extra carries the pinned ruff and pyright
     hooks) extra="dev" ;;
     *) usage ;;
 esac
@@ -58,5 +59,7 @@ case "$command" in
         "$venv/bin/ruff" format --check . || status=1
         exit "$status"
         ;;
+    # The venv's bin/ first on PATH, and its Python named: pyright resolves JAX's types there.
+    typecheck) PATH="$PWD/$venv/bin:$PATH" exec "$venv/bin/pyright" --pythonpath "$venv/bin/python" ;;
     hooks) exec "$venv/bin/pre-commit" install ;;
 esac

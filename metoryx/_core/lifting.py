@@ -23,7 +23,7 @@ own operations only.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Generator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -158,7 +158,7 @@ class Region:
             )
 
     @contextlib.contextmanager
-    def body(self, values: Mapping[int, Any] | None = None, index: Any = None) -> Iterator[Frame]:
+    def body(self, values: Mapping[int, Any] | None = None, index: Any = None) -> Generator[Frame]:
         """A child frame for one trace of the body, current while the block runs.
 
         ``values`` are the body's own arrays by slot (a layer's slice, the carried State);

@@ -17,7 +17,7 @@ assignment inside the block ambiguous.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from metoryx._core.paths import path_str
 
 
 @contextlib.contextmanager
-def overridden(module: Module, **values: Any) -> Iterator[None]:
+def overridden(module: Module, **values: Any) -> Generator[None]:
     """Inside the block, ``module.<name>`` reads ``values[name]`` instead of its variable.
 
     Use it inside ``apply_fn``, on a module of the running model. The arrays are read as given

@@ -315,7 +315,7 @@ def _resolve_method(
         if not hasattr(type(root), method):
             public = sorted(
                 n
-                for n, v in inspect.getmembers(type(root), callable)
+                for n, _ in inspect.getmembers(type(root), callable)
                 if not n.startswith("_") and n != "extra_repr"
             )
             raise errors.MethodError(

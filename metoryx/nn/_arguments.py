@@ -64,7 +64,7 @@ def parse_padding(layer: str, value: Any, ndim: int) -> str | tuple[tuple[int, i
             f"{layer}: `padding` must be {_PADDING_HELP}, for {ndim} spatial axes and with "
             f"non-negative sizes; got {value!r}."
         )
-    return pads
+    return tuple((low, high) for low, high in pads)
 
 
 def _pad_pair(value: Any) -> tuple[int, ...]:
@@ -94,7 +94,7 @@ def check_window_fits(
     if padding == "SAME":
         return
     spatial = x_shape[len(x_shape) - len(window) - 1 : -1]
-    pads = ((0, 0),) * len(window) if padding == "VALID" else padding
+    pads = ((0, 0),) * len(window) if isinstance(padding, str) else padding
     for axis, (size, k, d, (lo, hi)) in enumerate(
         zip(spatial, window, dilation, pads, strict=True)
     ):
