@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _tolerance import assert_close, assert_trees_close  # tests/_tolerance.py
 
 import metoryx as mx
 from metoryx import errors
@@ -66,11 +67,12 @@ def test_checkpoint_equals_the_unwrapped_model(model):
     variables, ((loss, new), grads) = step(model)
     # The wrapper adds no path part: the same variables, the same dropout keys.
     assert jax.tree.structure(variables) == jax.tree.structure(plain_vars)
-    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
-    for a, b in zip(
-        jax.tree.leaves((grads, new)), jax.tree.leaves((plain_grads, plain_new)), strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Recomputed, the forward pass may be fused and summed in another order than the saved one:
+    # ~30 roundings (a 4-term dot, 3-sample statistics, the head's dot, the loss's sum, and as
+    # many back), within tests/_tolerance.py's bound.
+    assert_close(loss, plain_loss, n=30)
+    assert_trees_close(grads, plain_grads, n=30)
+    assert_trees_close(new, plain_new, n=30)
     assert not np.allclose(new["batch_stats"]["block"]["norm"]["mean"], 0.0)
 
 
@@ -90,7 +92,7 @@ def test_a_function_with_static_arguments_and_outside_apply():
         return x**power
 
     f = mx.checkpoint(scaled, static_argnums=1)
-    np.testing.assert_allclose(jax.grad(lambda x: f(x, 3).sum())(X), 3 * X**2, rtol=1e-6)
+    assert_close(jax.grad(lambda x: f(x, 3).sum())(X), 3 * X**2, n=2)
 
 
 def test_keys_drawn_after_the_checkpoint_continue_its_counter():
@@ -106,7 +108,7 @@ def test_keys_drawn_after_the_checkpoint_continue_its_counter():
 
     got, _ = mx.apply(Two())({}, jax.random.key(3), X)
     expected, _ = mx.apply(Plain())({}, jax.random.key(3), X)
-    for a, b in zip(got, expected, strict=True):
+    for a, b in zip(got, expected, strict=True):  # eager: the same operations, one by one
         np.testing.assert_array_equal(a, b)
 
 

@@ -72,7 +72,8 @@ def test_repeat_dropout_masks_differ_per_copy_and_repeat_per_run():
 
 def test_repeat_under_jit_init_draws_the_same_bits_as_eager():
     init_fn = mx.init(Stacked())
-    assert_trees_equal(jax.jit(init_fn)(jax.random.key(3)), init_fn(jax.random.key(3)))
+    # The same draws; the normal sampler may round its last bits apart in the jitted program.
+    assert_trees_equal(jax.jit(init_fn)(jax.random.key(3)), init_fn(jax.random.key(3)), False, n=1)
 
 
 @pytest.mark.parametrize("options", [{}, {"remat": True}, {"unroll": 2}], ids=str)
@@ -148,7 +149,7 @@ def test_repeat_gives_each_copy_its_own_keys_by_the_documented_rule():
         expected = expected + jax.random.normal(
             jax.random.fold_in(jax.random.fold_in(k, i), 0), (3, 2)
         )
-    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    assert_close(y, expected, n=3)  # 3 draws summed, in the loop and here
     np.testing.assert_array_equal(new["counters"]["calls"], [1, 1, 1])
     again, _ = apply_fn(init_fn(0), root, zeros)
     np.testing.assert_array_equal(again, y)  # the same keys on every run
@@ -161,7 +162,7 @@ def test_repeat_shared_rngs_give_every_copy_the_same_keys():
     once, _ = mx.transform(Noise()).apply(
         {"counters": {"calls": 0}}, jax.random.key(1), jnp.zeros(5)
     )
-    np.testing.assert_allclose(y, 2 * once, rtol=1e-6)
+    assert_close(y, 2 * once, n=2)
 
 
 def test_keys_after_a_repeat_differ_from_the_ones_inside():
@@ -188,7 +189,8 @@ def test_keys_after_a_repeat_differ_from_the_ones_inside():
     assert not np.allclose(after, first_copy)
     # The layer after the Repeat draws the caller's second key: the first went into the loop.
     second = jax.random.fold_in(fold_in_path(jax.random.key(0), ("stream", "noise")), 1)
-    np.testing.assert_allclose(after, jax.random.normal(second, (4,)), rtol=1e-6)
+    # Eager: the very sampler program of this call, added to zeros.
+    np.testing.assert_array_equal(after, jax.random.normal(second, (4,)))
 
 
 class Scaled(mx.Module):
@@ -208,7 +210,7 @@ def test_repeat_scans_per_layer_inputs_and_passes_keywords_to_every_copy():
     for i, layer in enumerate(mx.unstack(model, variables)["params"].values()):
         h = jnp.tanh(jnp.dot(expected, layer["fc"]["kernel"]) + layer["fc"]["bias"][None])
         expected = h * scales[i] + 0.1
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    assert_close(y, expected, n=20)  # 3 layers of a 4-term dot, bias, tanh, scale and shift
 
 
 def test_a_kv_cache_per_layer_decodes_token_by_token_as_the_full_causal_pass():
@@ -234,7 +236,9 @@ def test_a_kv_cache_per_layer_decodes_token_by_token_as_the_full_causal_pass():
     for t in range(5):
         y, state = step(state, tokens[:, t : t + 1])
         outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+    # 2 layers of projections (4-term dots), a softmax over up to 5 keys and the output
+    # projection, summed in other orders token by token than in the full pass.
+    assert_close(jnp.concatenate(outs, axis=1), full, n=50)
     np.testing.assert_array_equal(state["cache"]["attn"]["cache_index"], [5, 5])
 
 
@@ -273,7 +277,7 @@ def test_nested_repeats_stack_two_axes_and_unstack_to_nested_lists():
     assert_trees_equal(flat, mx.init(Lists())(jax.random.key(0)))
     y, _ = mx.apply(Nested())(variables, None, X)
     expected, _ = mx.apply(Lists())(flat, None, X)
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    assert_close(y, expected, n=30)  # 6 layers of a 4-term dot and the bias
 
 
 def test_repeat_of_a_layer_with_a_fixed_value_starts_every_copy_from_it():
@@ -348,13 +352,14 @@ def test_scan_with_shared_parameters_equals_a_loop_and_carries_state(reverse):
 
     (_, (h, ys, new)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     h_ref, ys_ref = loop(variables["params"]["cell"]["fc"], XS, reverse)
-    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(ys, ys_ref, rtol=1e-5, atol=1e-6)
+    # 5 steps of a 4-term dot, the bias, the input and tanh; twice that back for gradients.
+    assert_close(h, h_ref, n=30)
+    assert_close(ys, ys_ref, n=30)
     assert int(new["counters"]["cell"]["steps"]) == 5  # carried from step to step
     ref_grads = jax.grad(lambda p: sum(map(jnp.sum, loop(p, XS, reverse))))(
         variables["params"]["cell"]["fc"]
     )
-    assert_trees_equal(grads["cell"]["fc"], ref_grads, exact=False)
+    assert_trees_equal(grads["cell"]["fc"], ref_grads, exact=False, n=60)
 
 
 def test_scan_with_stacked_parameters_uses_one_copy_per_step():
@@ -364,7 +369,7 @@ def test_scan_with_stacked_parameters_uses_one_copy_per_step():
     (h, ys), _ = mx.apply(model)(variables, None, XS)
     per_step = mx.unstack(model, variables)["params"]["cell"]
     h_ref, ys_ref = loop({t: per_step[t]["fc"] for t in per_step}, XS)
-    np.testing.assert_allclose(ys, ys_ref, rtol=1e-5, atol=1e-6)
+    assert_close(ys, ys_ref, n=30)
 
 
 def test_scan_errors_name_the_wrapper_and_the_fix():

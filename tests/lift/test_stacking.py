@@ -43,6 +43,8 @@ def test_unstack_is_the_unrolled_init_and_stack_inverts_it(outer, members, seed)
     unrolled = mx.unstack(model, stacked)
     expected = mx.init(NestedLists(outer, members))(key)
     assert flat(unrolled).keys() == flat(expected).keys()
+    # Bit for bit: both draw the blocks' kernels as one group, in the same (row-major) order,
+    # so the same program computes them.
     for path, value in flat(expected).items():
         assert flat(unrolled)[path].tobytes() == value.tobytes(), path
     assert flat(mx.stack(model, unrolled)).keys() == flat(stacked).keys()
