@@ -660,7 +660,7 @@ def get(init: Initializer | str) -> Initializer:
                 f"For one with settings, pass the initializer itself, e.g. "
                 f"mx.initializers.normal(0.02) or mx.initializers.constant(0.1)."
             )
-        return factory if factory in (zeros, ones) else factory()
+        return factory()
     if not callable(init):
         raise VariableDefinitionError(
             f"expected an initializer, a function (key, shape, dtype) -> array such as "
@@ -671,9 +671,10 @@ def get(init: Initializer | str) -> Initializer:
     return init
 
 
-_NAMED: dict[str, Callable[..., Initializer]] = {
-    "zeros": zeros,
-    "ones": ones,
+# Each name's initializer with its default settings, made on demand.
+_NAMED: dict[str, Callable[[], Initializer]] = {
+    "zeros": lambda: zeros,
+    "ones": lambda: ones,
     "normal": normal,
     "truncated_normal": truncated_normal,
     "uniform": uniform,

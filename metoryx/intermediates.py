@@ -70,12 +70,6 @@ def sow(name: str, value: Any) -> Any:
             f"path with '/', so 'a/b' could name another module's value), got {name!r}. Pass "
             f"a plain name such as 'features'."
         )
-    if not isinstance(name, str) or not name or "/" in name:
-        raise errors.LayerConfigError(
-            f"mx.sow: `name` must be a non-empty str without '/' (it is joined to the module's "
-            f"path with '/', so 'a/b' could name another module's value), got {name!r}. Pass "
-            f"a plain name such as 'features'."
-        )
     found = innermost_frame()
     if found is None or found[1].capture is None:
         return value

@@ -27,7 +27,12 @@ def test_fills_each_line_at_the_placeholder_indentation():
         """
 
     lines = f.__doc__.splitlines()
-    assert lines[2:6] == ["        Args:", "            x: the input.", "", "            y: the other one."]
+    assert lines[2:6] == [
+        "        Args:",
+        "            x: the input.",
+        "",
+        "            y: the other one.",
+    ]
     assert '>>> {"a": 1}' in f.__doc__  # other braces are left alone
 
 

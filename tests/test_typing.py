@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-USER_MODEL = '''
+USER_MODEL = """
 from typing import assert_type
 
 import jax
@@ -60,14 +60,14 @@ block.fc = mx.Dense(4, 4, kernel_init=mx.initializers.glorot_uniform())
 init_fn, apply_fn = mx.transform(model)
 variables = init_fn(jax.random.key(0))
 y, variables = jax.jit(apply_fn)(variables, None, jnp.ones((2, 4)))
-'''
+"""
 
 # Must be flagged: proves that pyright really sees metoryx's types, not Any.
-WRONG = '''
+WRONG = """
 import metoryx as mx
 
 label: str = mx.Dense(2, 3).kernel
-'''
+"""
 
 
 def _docs_programs() -> dict[str, str]:

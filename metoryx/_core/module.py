@@ -230,31 +230,6 @@ def _kind_of(value: Any) -> str:
     return f"a {type(value).__name__} holding modules or variables"
 
 
-def _missing_attribute(module: Module, name: str) -> errors.ModuleAttributeError:
-    label = module_label(module)
-    if name.startswith("__") and name.endswith("__"):  # Python's own probes: keep it short
-        return errors.ModuleAttributeError(f"{label} has no attribute {name!r}.")
-    if label == type(module).__name__:  # the definition world
-        return errors.ModuleAttributeError(
-            f"{label} has no attribute {name!r}: it was never set, or deleted (`del "
-            f"layer.{name}`). Set it (e.g. in __init__: `self.{name} = ...`) before reading it."
-        )
-    return errors.ModuleAttributeError(
-        f"{label} has no attribute {name!r}, which its code reads: it was deleted from the "
-        f"model (`del layer.{name}`) or never set before mx.transform. Set it on the model and "
-        f"transform again (None where the layer takes None, e.g. a bias), or build the layer "
-        f"with the options you want (e.g. use_bias=False)."
-    )
-
-
-def _kind_of(value: Any) -> str:
-    if isinstance(value, Module):
-        return f"a module ({type(value).__name__})"
-    if isinstance(value, Variable):
-        return f"a variable ({value!r})"
-    return f"a {type(value).__name__} holding modules or variables"
-
-
 def _outside_apply(module: Module, name: str) -> errors.ApplyContextError:
     return errors.ApplyContextError(
         f"{module_label(module)}.{name} was read outside apply_fn. A transformed model's arrays "
@@ -363,15 +338,6 @@ def _slot_values(value: Any) -> list[Any]:
             if name not in ("__dict__", "__weakref__") and hasattr(value, name):
                 found.append(getattr(value, name))
     return found
-
-
-def _bad_part(owner: Module, path: Path, what: str, problem: str) -> errors.ModuleStructureError:
-    where = f"{type(owner).__name__}.{path_str(path)}" if path else type(owner).__name__
-    return errors.ModuleStructureError(
-        f"{where}: the {what} holds modules or variables, and a path part must be a "
-        f"non-empty name without '/' or '.'; got {problem}. Rename it (e.g. 'a_b' for "
-        f"'a/b'), or nest the dicts ({{'a': {{'b': ...}}}})."
-    )
 
 
 def _bad_part(owner: Module, path: Path, what: str, problem: str) -> errors.ModuleStructureError:

@@ -57,16 +57,15 @@ def _argument_label(kind: str, name: str, value: Any, fits: Callable[[str], bool
     so the argument the user got wrong is one of a module ``__init__`` on the call stack whose
     value *is* the bad one (the outermost such, as the user wrote it). ``fits`` filters the
     argument names (``*_init``, ``*dtype*``) so that an int equal by identity to a size is not
-    taken for it. Error path only: it walks the call stack.
+    taken for it. Error path only: it walks the call stack. Every ``__init__`` but a variable's
+    own counts: module.py builds on this file, so this one cannot import Module to ask for it.
     """
-    from metoryx._core.module import Module  # module.py builds on this file
-
     found: list[str] = []
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         owner = frame.f_locals.get("self") if code.co_name == "__init__" else None
-        if isinstance(owner, Module):
+        if owner is not None and not isinstance(owner, Variable):
             arguments = code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount]
             for argument in arguments:
                 if fits(argument) and frame.f_locals.get(argument) is value:
