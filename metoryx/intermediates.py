@@ -82,9 +82,9 @@ def sow(name: str, value: Any) -> Any:
     key = "/".join((*path, name))
     if key in frame.capture.outputs:
         raise errors.LayerConfigError(
-            f"mx.sow({name!r}) in {'the model' if module is None else module_label(module)} gives the key {key!r}, which is "
-            f"also the path of a sub-module whose output mx.capture records. Rename the sown "
-            f"value."
+            f"mx.sow({name!r}) in {'the model' if module is None else module_label(module)} "
+            f"gives the key {key!r}, which is also the path of a sub-module whose output "
+            f"mx.capture records. Rename the sown value."
         )
     if any(fnmatch.fnmatchcase(key, pattern) for pattern in frame.capture.sown):
         frame.check_trace(
