@@ -45,7 +45,9 @@ def _float(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
-def assert_close(actual, desired, *, n: int = 1, scale=None, k: float = 4.0, dtype=None):
+def assert_close(
+    actual, desired, *, n: int = 1, scale=None, k: float = 4.0, dtype=None, err_msg: str = ""
+):
     """``|actual - desired| <= tolerance(dtype, n=n, scale=scale, k=k)`` element by element.
 
     ``dtype`` defaults to the coarser float dtype of the two (integers and booleans are compared
@@ -69,6 +71,7 @@ def assert_close(actual, desired, *, n: int = 1, scale=None, k: float = 4.0, dty
     if bad.any():
         i = np.unravel_index(np.argmax(np.where(bad, diff - bound, -np.inf)), d.shape)
         raise AssertionError(
+            f"{err_msg + ': ' if err_msg else ''}"
             f"{int(bad.sum())} of {d.size} elements differ by more than "
             f"{k} * eps({np.dtype(dtype).name}) * sqrt({n}) * scale; worst at {i}: actual "
             f"{a[i]!r}, desired {d[i]!r}, difference {diff[i]:.3g}, tolerance {bound[i]:.3g}"

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerance import assert_close  # tests/_tolerance.py
 
 import metoryx as mx
 from metoryx.interop.torch import load_state_dict, to_state_dict
@@ -24,6 +25,10 @@ from metoryx.nn.recurrent import (
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
 B, T, IN, H = 2, 5, 3, 4
+# Two programs of the same recurrence (other shapes, padded or alone, unrolled, batched) sum and
+# fuse in their own orders: compared within tests/_tolerance.py's bound for N roundings, ~12
+# per step (3- and 4-term dots, the gates) over T steps.
+N = 64
 
 # kind -> (our cell, its PyTorch cell's name and options, the PyTorch layer's)
 KINDS = {
@@ -218,11 +223,11 @@ def test_padded_batch_equals_each_sequence_alone(numpy_init):
             np.testing.assert_array_equal(y_last[i], 0)
             continue
         alone_carry, alone = run(variables, x[i, :n], return_carry=True)
-        np.testing.assert_allclose(y[i, :n], alone, atol=1e-6)
+        assert_close(y[i, :n], alone, n=N)
         for a, b in zip(jax.tree.leaves(carry_i), jax.tree.leaves(alone_carry), strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-6)
+            assert_close(a, b, n=N)
         expected_last = jnp.concatenate([alone[-1, :H], alone[0, H:]])
-        np.testing.assert_allclose(y_last[i], expected_last, atol=1e-6)
+        assert_close(y_last[i], expected_last, n=N)
 
 
 def test_rnn_options(numpy_init):
@@ -239,9 +244,7 @@ def test_rnn_options(numpy_init):
     ]
     for options, given, expected in cases:
         _, run_options = _compiled(_rnn("gru", **options))
-        np.testing.assert_allclose(
-            run_options(variables, given), expected, atol=1e-6, err_msg=str(options)
-        )
+        assert_close(run_options(variables, given), expected, n=N, err_msg=str(options))
 
 
 def test_merge(numpy_init):
@@ -251,7 +254,7 @@ def test_merge(numpy_init):
     forward, backward = both[..., :H], both[..., H:]
     for merge, expected in [("sum", forward + backward), ("mean", (forward + backward) / 2)]:
         model = Bidirectional(_rnn("rnn_tanh"), _rnn("rnn_tanh", reverse=True), merge=merge)
-        np.testing.assert_allclose(_compiled(model)[1](variables, x), expected, atol=1e-6)
+        assert_close(_compiled(model)[1](variables, x), expected, n=N)
 
 
 def test_any_leading_batch_shape(numpy_init):
@@ -261,9 +264,9 @@ def test_any_leading_batch_shape(numpy_init):
     assert y.shape == (2, 3, T, H) and h.shape == c.shape == (2, 3, H)
     flat = run(variables, x.reshape(6, T, IN), return_carry=True)
     for a, b in zip(jax.tree.leaves(((h, c), y)), jax.tree.leaves(flat), strict=True):
-        np.testing.assert_allclose(a, b.reshape(a.shape), atol=1e-6)
+        assert_close(a, b.reshape(a.shape), n=N)
     # No batch axis: one sequence (time, features).
-    np.testing.assert_allclose(run(variables, x[1, 2]), y[1, 2], atol=1e-6)
+    assert_close(run(variables, x[1, 2]), y[1, 2], n=N)
 
 
 def test_one_scan_whatever_the_length(numpy_init, jitted_equations):
@@ -294,7 +297,7 @@ def test_grad_and_vmap(numpy_init):
     assert float(jnp.abs(grads[1][1, :2]).min()) > 0
     batched = jax.jit(jax.vmap(lambda x: run(variables, x, seq_lengths=lengths)))(xs)
     for x, y in zip(xs, batched, strict=True):
-        np.testing.assert_allclose(y, run(variables, x, seq_lengths=lengths), atol=1e-6)
+        assert_close(y, run(variables, x, seq_lengths=lengths), n=N)
 
 
 class _SumCell(mx.Module):
@@ -310,13 +313,14 @@ class _SumCell(mx.Module):
 
 def test_custom_cell():
     x = jnp.asarray(_randn(B, T, 2))
-    np.testing.assert_allclose(_compiled(RNN(_SumCell()))[1]({}, x), jnp.cumsum(x, 1), atol=1e-6)
+    scale = float(jnp.abs(x).sum(1).max())  # running sums of T terms may cancel
+    assert_close(_compiled(RNN(_SumCell()))[1]({}, x), jnp.cumsum(x, 1), n=T, scale=scale)
     lengths = jnp.array([3, 5])
     _, run = _compiled(RNN(_SumCell(), reverse=True, return_sequences=False))
     carry, last = run({}, x, seq_lengths=lengths, return_carry=True)
     expected = jnp.stack([x[0, :3].sum(0), x[1].sum(0)])
-    np.testing.assert_allclose(last, expected, atol=1e-6)
-    np.testing.assert_allclose(carry, expected, atol=1e-6)
+    assert_close(last, expected, n=T, scale=scale)
+    assert_close(carry, expected, n=T, scale=scale)
 
 
 def test_default_initializers():
