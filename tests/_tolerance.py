@@ -38,7 +38,10 @@ def tolerance(dtype, *, n: int = 1, scale=1.0, k: float = 4.0):
 
 
 def _dtype(x) -> np.dtype:
-    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    try:
+        return np.dtype(x.dtype)  # without converting a JAX array
+    except (AttributeError, TypeError):  # a Python number, a PyTorch tensor
+        return np.asarray(x).dtype
 
 
 def _float(x) -> np.ndarray:
