@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def bool_argument(where: str, name: str, value: Any) -> bool:
     if value is True or value is False:
         return value
     if isinstance(value, np.bool_):
-        return bool(value)
+        return bool(cast("np.bool_[Any]", value))
     raise errors.LayerConfigError(
         f"{where}: `{name}` must be True or False, got {type(value).__name__} {value!r:.40}. "
         f"Pass {name}=True or {name}=False."

@@ -7,14 +7,13 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-import numpy as np
-
 from metoryx import errors
 from metoryx._core.context import BoundVariable
 from metoryx._core.module import Module
 from metoryx._core.paths import flatten_variables, path_str
 from metoryx._core.transform import mismatch_report
 from metoryx._core.tree import walk
+from metoryx._core.typed import np_shape
 from metoryx._core.variables import fix_stacked_value
 
 M = TypeVar("M", bound=Module)
@@ -68,9 +67,9 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
     missing = [path_str(p) for p in wanted if p not in given]
     unused = [path_str(p) for p in given if p not in wanted]
     wrong = [
-        f"{path_str(p)}: expected {shapes[p]}, got {tuple(np.shape(given[p]))}"
+        f"{path_str(p)}: expected {shapes[p]}, got {tuple(np_shape(given[p]))}"
         for p in wanted
-        if p in given and tuple(np.shape(given[p])) != shapes[p]
+        if p in given and tuple(np_shape(given[p])) != shapes[p]
     ]
     if wrong:
         raise errors.VariableShapeError(

@@ -13,23 +13,27 @@ be applied inside another model's method (each snapshot finds its own frame).
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.extend.core import get_opaque_trace_state as _get_trace_state
 
 from metoryx import errors
 from metoryx._core.paths import Path, path_str
+from metoryx._core.typed import (
+    get_opaque_trace_state,
+    jnp_asarray,
+    np_shape,
+    register_pytree_node,
+    register_pytree_with_keys,
+)
 from metoryx._core.variables import Variable
 
 
 def trace_state() -> Any:
     """An object equal to another only when taken under the same JAX trace."""
-    return _get_trace_state(convention="metoryx")
+    return get_opaque_trace_state(convention="metoryx")
 
 
 class Slot(NamedTuple):
@@ -151,12 +155,15 @@ class Frame:
         if type(template) is Slot:
             return self.values[template.index]
         if isinstance(template, list):
-            return ReadOnlyList([self.read(t, where) for t in template], where)
+            listed = cast("list[Any]", template)
+            return ReadOnlyList([self.read(t, where) for t in listed], where)
         if isinstance(template, tuple):
-            items = [self.read(t, where) for t in template]
-            return type(template)(*items) if hasattr(template, "_fields") else tuple(items)
+            fields = cast("tuple[Any, ...]", template)
+            items = [self.read(t, where) for t in fields]
+            return type(fields)(*items) if hasattr(fields, "_fields") else tuple(items)
         if isinstance(template, dict):
-            return ReadOnlyDict({k: self.read(t, where) for k, t in template.items()}, where)
+            entries = cast("dict[Any, Any]", template)
+            return ReadOnlyDict({k: self.read(t, where) for k, t in entries.items()}, where)
         return template
 
     def write(self, where: str, template: Any, value: Any) -> None:
@@ -172,23 +179,29 @@ class Frame:
             )
 
     def _write_container(self, where: str, template: Any, value: Any) -> None:
+        # isinstance narrows an Any to a container of Unknown items, `value` in the messages
+        # too: the casts say Any, or object where only the type's name is read.
         if isinstance(template, dict):
-            if not isinstance(value, dict) or value.keys() != template.keys():
+            entries = cast("dict[Any, Any]", template)
+            if not isinstance(value, dict) or value.keys() != entries.keys():
                 raise errors.ImmutableModuleError(
-                    f"{where}: expected a dict with keys {sorted(map(str, template))} (the same "
-                    f"structure as defined), got {type(value).__name__}. Assign a container "
-                    f"with the same structure, changing only the mutable mx.State entries."
+                    f"{where}: expected a dict with keys {sorted(map(str, entries))} (the same "
+                    f"structure as defined), got {type(cast(object, value)).__name__}. Assign "
+                    f"a container with the same structure, changing only the mutable mx.State "
+                    f"entries."
                 )
-            for key, t in template.items():
+            for key, t in entries.items():
                 self._write_entry(f"{where}[{key!r}]", t, value[key])
             return
-        if not isinstance(value, (list, tuple)) or len(value) != len(template):
+        items = cast("list[Any] | tuple[Any, ...]", template)
+        given = cast("Sequence[Any]", value) if isinstance(value, (list, tuple)) else None
+        if given is None or len(given) != len(items):
             raise errors.ImmutableModuleError(
-                f"{where}: expected a {type(template).__name__} of length {len(template)} (the "
-                f"same structure as defined), got {type(value).__name__}. Assign a container "
-                f"with the same structure, changing only the mutable mx.State entries."
+                f"{where}: expected a {type(items).__name__} of length {len(items)} (the same "
+                f"structure as defined), got {type(cast(object, value)).__name__}. Assign a "
+                f"container with the same structure, changing only the mutable mx.State entries."
             )
-        for i, (t, v) in enumerate(zip(template, value, strict=True)):
+        for i, (t, v) in enumerate(zip(items, given, strict=True)):
             self._write_entry(f"{where}[{i}]", t, v)
 
     def _write_entry(self, where: str, template: Any, value: Any) -> None:
@@ -209,7 +222,7 @@ class Frame:
                 f"as mx.State(collection, init, shape) with mutable=True."
             )
         expected = self.shapes[index]
-        shape = tuple(np.shape(value))
+        shape = tuple(np_shape(value))
         if shape != expected:
             raise errors.VariableShapeError(
                 f"{where} ({path_str(bound.path)}): a State keeps its shape; expected a value of "
@@ -218,7 +231,7 @@ class Frame:
         self.check_trace(f"{where} ({path_str(bound.path)}) is assigned")
         if self.region is not None:
             self.region.check_writable(where, index)
-        self.values[index] = jnp.asarray(value, dtype=jax.dtypes.canonicalize_dtype(var.dtype))
+        self.values[index] = jnp_asarray(value, dtype=jax.dtypes.canonicalize_dtype(var.dtype))
         self.written[index] = None
 
 
@@ -278,13 +291,8 @@ def _unflatten_dict(keys: tuple[Any, ...], children: Iterable[Any]) -> dict[Any,
 
 
 # Flattened like the builtins, unflattened *as* the builtins: jax.tree.map returns plain ones.
-jax.tree_util.register_pytree_node(ReadOnlyList, _flatten_list, _unflatten_list)  # pyright: ignore[reportArgumentType]
-jax.tree_util.register_pytree_with_keys(
-    ReadOnlyDict,
-    _flatten_dict_with_keys,
-    _unflatten_dict,  # pyright: ignore[reportArgumentType]
-    _flatten_dict,
-)
+register_pytree_node(ReadOnlyList, _flatten_list, _unflatten_list)
+register_pytree_with_keys(ReadOnlyDict, _flatten_dict_with_keys, _unflatten_dict, _flatten_dict)
 
 
 # owner token -> Frame, innermost call last. A fresh dict per entry: never mutated in place.

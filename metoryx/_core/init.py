@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.core import Tracer
 
 from metoryx import errors
 from metoryx._core.context import BoundVariable
 from metoryx._core.paths import path_str
 from metoryx._core.rng import fold_in_path, fold_in_paths, path_words
+from metoryx._core.typed import Tracer, jnp_array, jnp_asarray, lax_gather, lax_map
 
 # The most elements drawn in one vmapped call: a group holds its stacked draw and the split
 # arrays at once, so a larger one is drawn in several calls to bound that transient memory
@@ -144,11 +144,12 @@ def _split(drawn: jax.Array, runs: list[tuple[int, int]]) -> list[jax.Array]:
     numbers = lax.GatherDimensionNumbers(
         offset_dims=tuple(range(1, rows.ndim)), collapsed_slice_dims=(0,), start_index_map=(0,)
     )
-    parts, start = [], 0
+    parts: list[jax.Array] = []
+    start = 0
     for count in counts:
         index = np.arange(start * k, (start + count) * k, dtype=np.int32)[:, None]
         parts.append(
-            lax.gather(
+            lax_gather(
                 rows,
                 index,
                 numbers,
@@ -173,7 +174,7 @@ def _draw_group(key: jax.Array, group: Group) -> jax.Array | None:
         # Traced, a loop: its boundary keeps XLA from fusing the sampler's arithmetic into the
         # kernel of every output slice, which made those kernels 3x slower to compile on CPU.
         # Eagerly, vmap: each operation is dispatched once for the group, nothing is compiled.
-        stacked = lax.map(draw, keys) if isinstance(keys, Tracer) else jax.vmap(draw)(keys)
+        stacked = lax_map(draw, keys) if isinstance(keys, Tracer) else jax.vmap(draw)(keys)
     except Exception:
         return None  # drawn one by one, whose error names the variable
     if not isinstance(stacked, jax.Array) or stacked.shape != (len(group.slots), *group.shape):
@@ -194,8 +195,8 @@ def init_one(key: jax.Array, bound: BoundVariable) -> jax.Array:
     if var.has_value:
         # A copy: the caller owns what init_fn returns and may donate or delete it, which
         # must not destroy the model's fixed value (often the user's own array).
-        value = jnp.asarray(var.value, dtype=dtype)
-        return jnp.array(jnp.broadcast_to(value, bound.shape), copy=True)
+        value = jnp_asarray(var.value, dtype=dtype)
+        return jnp_array(jnp.broadcast_to(value, bound.shape), copy=True)
     draws = [_draw_one(key, path, bound) for path in bound.copy_paths()]
     if not bound.axes:
         return draws[0]
@@ -208,7 +209,7 @@ def _draw_one(key: jax.Array, path: tuple[str, ...], bound: BoundVariable) -> ja
     try:
         value = var.init(fold_in_path(key, path), var.shape, dtype)
         if not isinstance(value, jax.Array):
-            value = jnp.asarray(value)
+            value = jnp_asarray(value)
     except errors.MetoryxError as e:
         e.add_note(f"(raised by the initializer of {path_str(path)}: {var!r})")
         raise
@@ -225,4 +226,4 @@ def _draw_one(key: jax.Array, path: tuple[str, ...], bound: BoundVariable) -> ja
             f"{value.shape}, expected {var.shape}. An initializer must honor the `shape` "
             f"it is given."
         )
-    return value if value.dtype == dtype else jnp.asarray(value, dtype=dtype)
+    return value if value.dtype == dtype else jnp_asarray(value, dtype=dtype)

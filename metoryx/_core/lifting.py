@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Collection, Generator, Mapping
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import Any, NamedTuple, cast
 
 from metoryx import errors
 from metoryx._core.context import FRAMES, Frame
 from metoryx._core.module import BINDING, Lifted, Module, module_label, running_frame
 from metoryx._core.paths import Path, path_str
+from metoryx._core.typed import np_shape
 
 ALL = "all"  # variable_axes meaning: every collection is stacked
 
@@ -47,12 +46,14 @@ def check_variable_axes(where: str, variable_axes: Any, size: int | None) -> dic
     """Validate ``variable_axes`` (``{collection: 0}``, or ``None`` for all shared)."""
     if variable_axes is None:
         return {}
-    if not isinstance(variable_axes, Mapping) or not all(isinstance(k, str) for k in variable_axes):
+    # isinstance alone would give the mapping Unknown keys and values: the cast says Any.
+    axes = cast("Mapping[Any, Any]", variable_axes) if isinstance(variable_axes, Mapping) else None
+    if axes is None or not all(isinstance(k, str) for k in axes):
         raise errors.LayerConfigError(
             f"{where}: variable_axes must map collection names to 0 (one copy per step or "
             f"member, stacked on a leading axis), e.g. {{'params': 0}}; got {variable_axes!r}."
         )
-    mapped = {k: v for k, v in variable_axes.items() if v is not None}
+    mapped = {k: v for k, v in axes.items() if v is not None}
     bad = {k: v for k, v in mapped.items() if v != 0}
     if bad:
         raise errors.LayerConfigError(
@@ -75,8 +76,9 @@ def check_split_rngs(where: str, split_rngs: Any) -> bool | frozenset[str]:
         return split_rngs
     if isinstance(split_rngs, str):
         return frozenset([split_rngs])
-    if isinstance(split_rngs, Collection) and all(isinstance(s, str) for s in split_rngs):
-        return frozenset(split_rngs)
+    names = cast("Collection[Any]", split_rngs) if isinstance(split_rngs, Collection) else None
+    if names is not None and all(isinstance(s, str) for s in names):
+        return frozenset(names)
     raise errors.LayerConfigError(
         f"{where}: split_rngs must be True (every stream differs per step or member), False "
         f"(all are shared) or stream names such as ('dropout',); got {split_rngs!r}."
@@ -109,7 +111,9 @@ def plan_of(wrapper: Lifted) -> Plan:
     cache: dict[Path, Plan] = owner.lift_plans
     plan = cache.get(path)
     if plan is None:
-        owned, stacked, carried = [], [], []
+        owned: list[int] = []
+        stacked: list[int] = []
+        carried: list[int] = []
         for slot, bound in enumerate(owner.variables):
             if bound.path[1 : 1 + len(path)] != path:
                 continue
@@ -170,7 +174,7 @@ class Region:
         )
         for slot, value in (values or {}).items():
             child.values[slot] = value
-            child.shapes[slot] = tuple(np.shape(value))
+            child.shapes[slot] = tuple(np_shape(value))
         child.region = self
         child.index = index
         child.counters = {s: c for s, c in self.start.items() if not self.splits(s)}

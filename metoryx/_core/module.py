@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import jax
 import numpy as np
@@ -281,14 +281,15 @@ def iter_children(module: Module) -> Iterator[tuple[Path, Module | Variable]]:
 
 
 def _scan(value: Any, path: Path, owner: Module) -> Iterator[tuple[Path, Module | Variable]]:
+    # isinstance gives the containers Unknown items: the casts say Any.
     if isinstance(value, (Module, Variable)):
         yield path, value
     elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
+        for i, item in enumerate(cast("Iterable[Any]", value)):
             yield from _scan(item, (*path, str(i)), owner)
     elif isinstance(value, dict):
         used: dict[str, Any] = {}
-        for key, item in value.items():
+        for key, item in cast("dict[Any, Any]", value).items():
             part = key_str(key)
             if part is None:
                 if holds_modules_or_variables(item):
@@ -318,13 +319,15 @@ def holds_modules_or_variables(value: Any, depth: int = 4) -> bool:
         return True
     if depth == 0 or isinstance(value, _OPAQUE):
         return False
+    # isinstance gives the containers Unknown items: the casts say Any.
     if isinstance(value, dict):
-        items = list(value.values()) + list(value.keys())
+        entries = cast("dict[Any, Any]", value)
+        items = list(entries.values()) + list(entries.keys())
     elif isinstance(value, (list, tuple, set, frozenset)):
-        items = list(value)
+        items = list(cast("Iterable[Any]", value))
     else:
         attrs = getattr(value, "__dict__", None)
-        items = list(attrs.values()) if isinstance(attrs, dict) else []
+        items = list(cast("dict[Any, Any]", attrs).values()) if isinstance(attrs, dict) else []
         items += _slot_values(value)
     return any(holds_modules_or_variables(item, depth - 1) for item in items)
 

@@ -20,12 +20,11 @@ import contextlib
 from collections.abc import Generator
 from typing import Any
 
-import numpy as np
-
 from metoryx import errors
 from metoryx._core.context import Frame, Slot
 from metoryx._core.module import Module, module_label, running_frame
 from metoryx._core.paths import path_str
+from metoryx._core.typed import np_shape
 
 
 @contextlib.contextmanager
@@ -109,7 +108,7 @@ def _slot(module: Module, templates: dict[str, Any], frame: Frame, name: str, va
             f"of the call; overriding it would make an assignment inside the block ambiguous. "
             f"Assign it instead, or declare it with mutable=False if it is a constant."
         )
-    shape, expected = tuple(np.shape(value)), frame.shapes[template.index]
+    shape, expected = tuple(np_shape(value)), frame.shapes[template.index]
     if shape != expected:
         raise errors.VariableShapeError(
             f"overridden: {where} has shape {expected}, got an array of shape "

@@ -8,7 +8,7 @@ parts with ``/``. Paths are the storage format of checkpoints, so they stay read
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from metoryx import errors
 
@@ -57,7 +57,7 @@ def flatten_variables(variables: Mapping[str, Any]) -> dict[Path, Any]:
         for key, value in node.items():
             path = (*prefix, str(key))
             if isinstance(value, Mapping):
-                visit(value, path)
+                visit(cast("Mapping[Any, Any]", value), path)
             elif path in flat:
                 raise errors.VariablesStructureError(
                     f"Two keys of `variables` give the path {path_str(path)!r} (e.g. 1 and "

@@ -14,12 +14,12 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.core import Tracer
 from jax.typing import ArrayLike
 
 from metoryx import errors
 from metoryx._core.context import Frame, innermost_frame
 from metoryx._core.module import calling_module_label
+from metoryx._core.typed import Tracer, jit
 
 DEFAULT_STREAM = "default"
 
@@ -62,8 +62,8 @@ def _fold_in_twice(key: jax.Array, high: ArrayLike, low: ArrayLike) -> jax.Array
 # Eagerly, one compiled program for every path (the words are arguments, not constants): one
 # dispatch of ~60 us per variable instead of two fold_ins at ~700 us, so init of a 1,000-layer
 # model spends its time drawing, not deriving keys. The batched one is compiled once per count.
-_fold_in_twice_jitted = jax.jit(_fold_in_twice)
-_fold_in_twice_batched = jax.jit(jax.vmap(_fold_in_twice, in_axes=(None, 0, 0)))
+_fold_in_twice_jitted = jit(_fold_in_twice)
+_fold_in_twice_batched = jit(jax.vmap(_fold_in_twice, in_axes=(None, 0, 0)))
 
 
 def is_key(x: Any) -> bool:
@@ -93,12 +93,13 @@ def key_batch_shape(x: Any) -> tuple[int, ...]:
 def as_root_key(key: Any) -> jax.Array:
     """Check the key given to ``init_fn``; an int seed becomes ``jax.random.key(seed)``."""
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        if not -(2**63) <= int(key) < 2**63:
+        seed = cast("int | np.integer[Any]", key)  # isinstance says np.integer[Unknown]
+        if not -(2**63) <= int(seed) < 2**63:
             raise errors.RngsTypeError(
-                f"init_fn: an int seed must fit in 64 bits, got {int(key)}. Pass a smaller seed "
-                f"or a key, e.g. init_fn(jax.random.key(0))."
+                f"init_fn: an int seed must fit in 64 bits, got {int(seed)}. Pass a smaller "
+                f"seed or a key, e.g. init_fn(jax.random.key(0))."
             )
-        return jax.random.key(int(key))
+        return jax.random.key(int(seed))
     batch = key_batch_shape(key)
     if batch:
         raise errors.RngsTypeError(
@@ -118,7 +119,10 @@ def parse_rngs(rngs: Any) -> dict[str, Any]:
     """``None``, a key, or a dict of named keys -> ``{stream: key}``."""
     if rngs is None:
         return {}
-    given = rngs.items() if isinstance(rngs, Mapping) else (("rngs", rngs),)
+    # isinstance narrows an Any to a Mapping of Unknown names and keys: the casts say Any.
+    given = (
+        cast("Mapping[Any, Any]", rngs).items() if isinstance(rngs, Mapping) else (("rngs", rngs),)
+    )
     batched = [(name, shape) for name, k in given if (shape := key_batch_shape(k))]
     if batched:
         raise errors.RngsTypeError(
@@ -127,14 +131,15 @@ def parse_rngs(rngs: Any) -> dict[str, Any]:
             f"it: jax.vmap(apply_fn, in_axes=(None, 0, ...)), or split the batch and pass one."
         )
     if isinstance(rngs, Mapping):
-        bad = [f"{name!r}: {_describe(k)}" for name, k in rngs.items() if not is_key(k)]
-        if bad or not all(isinstance(name, str) for name in rngs):
+        streams = cast("Mapping[Any, Any]", rngs)
+        bad = [f"{name!r}: {_describe(k)}" for name, k in streams.items() if not is_key(k)]
+        if bad or not all(isinstance(name, str) for name in streams):
             raise errors.RngsTypeError(
                 f"rngs must map stream names (str) to keys; these entries are not: "
                 f"{', '.join(bad) or 'non-str names'}. Build it with "
                 f"mx.PRNGKeys(jax.random.key(0), dropout=jax.random.key(1))."
             )
-        return dict(rngs)
+        return dict(streams)
     if is_key(rngs):
         return {DEFAULT_STREAM: rngs}
     raise errors.RngsTypeError(

@@ -12,7 +12,7 @@ import copy
 import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ from metoryx._core.module import BINDING, Binding, Module
 from metoryx._core.paths import flatten_variables, path_str, unflatten_variables
 from metoryx._core.rng import as_root_key, parse_rngs
 from metoryx._core.tree import walk
+from metoryx._core.typed import config_read, jnp_asarray, tree_flatten, tree_unflatten
 from metoryx._core.variables import Variable
 
 Method = str | Callable[..., Any] | None
@@ -146,7 +147,8 @@ class Snapshot:
             _bind(module, Binding(self, path, {}), slot_of)
 
         nested = unflatten_variables({b.path: i for i, b in enumerate(self.variables)})
-        self.leaf_slots, self.treedef = jax.tree_util.tree_flatten(nested)
+        self.leaf_slots: list[int]
+        self.leaf_slots, self.treedef = tree_flatten(nested)
         self.slot_shapes = [b.shape for b in self.variables]
         self.shapes = [self.slot_shapes[i] for i in self.leaf_slots]
         self.lift_plans: dict[Any, Any] = {}  # lifting.plan_of's cache, by wrapper path
@@ -160,12 +162,12 @@ class Snapshot:
     def init(self, key: Any) -> dict[str, Any]:
         """Create ``variables`` from ``key``: fixed values as set, the rest from initializers."""
         key = as_root_key(key)
-        x64 = jax.config.read("jax_enable_x64")
+        x64 = config_read("jax_enable_x64")
         plan = self.init_plans.get(x64)
         if plan is None:
             plan = self.init_plans[x64] = InitPlan(self.variables)
         arrays = plan.draw(key)
-        return jax.tree_util.tree_unflatten(self.treedef, [arrays[i] for i in self.leaf_slots])
+        return tree_unflatten(self.treedef, [arrays[i] for i in self.leaf_slots])
 
     # -- apply -----------------------------------------------------------------------------
 
@@ -183,11 +185,11 @@ class Snapshot:
         capture: Any = None,
     ) -> tuple[Any, Any, dict[str, list[Any]]]:
         """``apply`` that also returns what ``capture`` (see ``metoryx.intermediates``) recorded."""
-        leaves, treedef = jax.tree_util.tree_flatten(variables)
+        leaves, treedef = tree_flatten(variables)
         foreign = treedef != self.treedef  # e.g. an OrderedDict, or paths that differ
         if foreign:
             leaves = self._leaves_from_other_structure(variables)
-        dtypes = self.dtypes.get(jax.config.read("jax_enable_x64")) or self._dtypes()
+        dtypes = self.dtypes.get(config_read("jax_enable_x64")) or self._dtypes()
         values: list[Any] = [None] * len(leaves)
         for i, (leaf, shape, dtype) in enumerate(zip(leaves, self.shapes, dtypes, strict=True)):
             if not isinstance(leaf, jax.Array):
@@ -216,13 +218,13 @@ class Snapshot:
             flat = {b.path: frame.values[i] for i, b in enumerate(self.variables)}
             return out, _restructure(variables, flat, ()), frame.captured
         updated = [frame.values[i] for i in self.leaf_slots]
-        return out, jax.tree_util.tree_unflatten(self.treedef, updated), frame.captured
+        return out, tree_unflatten(self.treedef, updated), frame.captured
 
     def _dtypes(self) -> list[Any]:
         dtypes = [
             jax.dtypes.canonicalize_dtype(self.variables[i].variable.dtype) for i in self.leaf_slots
         ]
-        self.dtypes[jax.config.read("jax_enable_x64")] = dtypes
+        self.dtypes[config_read("jax_enable_x64")] = dtypes
         return dtypes
 
     def _leaves_from_other_structure(self, variables: Any) -> list[Any]:
@@ -232,7 +234,8 @@ class Snapshot:
                 f"apply_fn expects `variables` as the nested dict init_fn returns, e.g. "
                 f"{{'params': {{...}}}}; got {type(variables).__name__}."
             )
-        given = {p: v for p, v in flatten_variables(variables).items() if v is not None}
+        flat = flatten_variables(cast("Mapping[Any, Any]", variables))  # isinstance: Unknown
+        given = {p: v for p, v in flat.items() if v is not None}
         expected = {b.path: b for b in self.variables}
         missing = [path_str(p) for p in expected if p not in given]
         unexpected = [path_str(p) for p in given if p not in expected]
@@ -242,7 +245,7 @@ class Snapshot:
 
     def _as_array(self, slot: int, leaf: Any, dtype: Any) -> jax.Array:
         try:
-            return jnp.asarray(leaf)
+            return jnp_asarray(leaf)
         except (TypeError, ValueError):
             bound = self.variables[slot]
             raise errors.VariableDtypeError(
@@ -290,17 +293,20 @@ def _template(value: Any, slot_of: dict[int, Slot]) -> Any:
     """``value`` with each Variable replaced by its Slot; ``value`` itself if it holds none."""
     if isinstance(value, Variable):
         return slot_of[id(value)]
+    # isinstance narrows an Any to a container of Unknown items: the casts say Any.
     if isinstance(value, (list, tuple)):
-        items = [_template(v, slot_of) for v in value]
-        if all(a is b for a, b in zip(items, value, strict=True)):
-            return value
-        if isinstance(value, list):
+        container = cast("list[Any] | tuple[Any, ...]", value)
+        items = [_template(v, slot_of) for v in container]
+        if all(a is b for a, b in zip(items, container, strict=True)):
+            return container
+        if isinstance(container, list):
             return items
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        return type(container)(*items) if hasattr(container, "_fields") else type(container)(items)
     if isinstance(value, dict):
-        entries = {k: _template(v, slot_of) for k, v in value.items()}
-        if all(entries[k] is v for k, v in value.items()):
-            return value
+        mapping = cast("dict[Any, Any]", value)
+        entries = {k: _template(v, slot_of) for k, v in mapping.items()}
+        if all(entries[k] is v for k, v in mapping.items()):
+            return mapping
         return entries
     return value
 
@@ -347,7 +353,7 @@ def _restructure(like: Mapping[Any, Any], flat: dict[Any, Any], prefix: tuple[st
     for key, value in like.items():
         path = (*prefix, str(key))
         if isinstance(value, Mapping):
-            items.append((key, _restructure(value, flat, path)))
+            items.append((key, _restructure(cast("Mapping[Any, Any]", value), flat, path)))
         else:
             items.append((key, flat.get(path, value)))
     factory: Any = type(like)

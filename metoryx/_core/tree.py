@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import types
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from metoryx import errors
 from metoryx._core.context import StackAxis
@@ -37,7 +37,8 @@ class ModuleTree(NamedTuple):
                 memo[id(var.value)] = var.value
         for _, module in self.modules:
             for value in vars(module).values():
-                items = value.values() if isinstance(value, dict) else value
+                # The cast: isinstance gives the dict's values an Unknown type.
+                items = cast("dict[Any, Any]", value).values() if isinstance(value, dict) else value
                 for item in items if isinstance(value, (list, tuple, dict)) else (value,):
                     if _shareable(item):
                         memo[id(item)] = item

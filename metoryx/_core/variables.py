@@ -18,6 +18,7 @@ import numpy as np
 
 from metoryx import errors, initializers
 from metoryx._core.paths import part_problem
+from metoryx._core.typed import jnp_array, jnp_asarray, np_iscomplexobj, np_shape
 from metoryx.initializers import Initializer
 
 
@@ -207,7 +208,7 @@ class Variable(_ArrayInModuleCode):
             value = self._as_numeric_array(value)
         elif jnp.iscomplexobj(value) and not jnp.issubdtype(self.dtype, jnp.complexfloating):
             raise self._complex_value_error(value.dtype)
-        shape = tuple(np.shape(value))
+        shape = tuple(np_shape(value))
         if shape != self.shape:
             raise errors.VariableShapeError(
                 f"{self!r}: expected a value of shape {self.shape}, got shape {shape}. "
@@ -215,11 +216,11 @@ class Variable(_ArrayInModuleCode):
                 f"shape you need."
             )
         if isinstance(value, jax.Array):
-            self._value = jnp.asarray(value, dtype=self.dtype)  # immutable: safe to share
+            self._value = jnp_asarray(value, dtype=self.dtype)  # immutable: safe to share
         else:
             # A copy: on CPU jnp.asarray aliases a 64-byte aligned NumPy buffer, and a later
             # in-place edit of the caller's array must not change the fixed value.
-            self._value = jnp.array(value, dtype=self.dtype)
+            self._value = jnp_array(value, dtype=self.dtype)
 
     def _as_numeric_array(self, value: Any) -> np.ndarray:
         """``value`` as a NumPy array of numbers or bools, else a VariableDtypeError."""
@@ -237,7 +238,7 @@ class Variable(_ArrayInModuleCode):
                 f"{value!r:.60} (an array of {_dtype_kind(array.dtype)}). Give an array of "
                 f"numbers of shape {self.shape}."
             )
-        if np.iscomplexobj(array) and not jnp.issubdtype(self.dtype, jnp.complexfloating):
+        if np_iscomplexobj(array) and not jnp.issubdtype(self.dtype, jnp.complexfloating):
             raise self._complex_value_error(array.dtype)
         return array
 
@@ -370,4 +371,4 @@ def fix_stacked_value(var: Variable, value: Any) -> None:
     """Fixes every copy of a stacked variable at once: ``value`` has the whole stack's shape
     (a lifted wrapper's copies first), which the ``.value`` setter, checking one copy's shape,
     refuses. Used by ``mx.assign_variables``."""
-    var._value = jnp.array(value, dtype=var.dtype)
+    var._value = jnp_array(value, dtype=var.dtype)
