@@ -20,6 +20,10 @@ from metoryx import errors
 #: ``(low, high)`` pair per spatial axis.
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
+#: Sizes, window sizes and paddings stay below this: an array axis has at most 2**63 - 1
+#: elements (XLA's sizes are int64), so a larger one could only fail later, inside JAX.
+MAX_SIZE = 2**63
+
 _PADDING_HELP = (
     '"SAME", "VALID", an int p (p on both sides of every spatial axis), one int per spatial '
     "axis, or one (low, high) pair per spatial axis"
@@ -59,10 +63,10 @@ def parse_padding(layer: str, value: Any, ndim: int) -> str | tuple[tuple[int, i
             pads = (_pad_pair(value),) * ndim
     except TypeError:
         pads = ()
-    if len(pads) != ndim or any(len(p) != 2 or min(p) < 0 for p in pads):
+    if len(pads) != ndim or any(len(p) != 2 or min(p) < 0 or max(p) >= MAX_SIZE for p in pads):
         raise errors.LayerConfigError(
             f"{layer}: `padding` must be {_PADDING_HELP}, for {ndim} spatial axes and with "
-            f"non-negative sizes; got {value!r}."
+            f"non-negative sizes below 2**63; got {value!r:.80}."
         )
     return tuple((low, high) for low, high in pads)
 
@@ -115,9 +119,10 @@ def positive_int(layer: str, name: str, value: Any, fix: str | None = None) -> i
         number = operator.index(value)
     except TypeError:
         number = 0
-    if isinstance(value, bool) or number < 1:
+    if isinstance(value, bool) or not 1 <= number < MAX_SIZE:
+        past = " past 2**63 - 1, which no array axis can have" if number >= MAX_SIZE else ""
         raise errors.LayerConfigError(
-            f"{layer}: `{name}` must be a positive int, got {value!r}. "
+            f"{layer}: `{name}` must be a positive int, got {value!r}{past}. "
             f"{fix or f'Pass a size such as {name}=64.'}"
         )
     return number
@@ -130,10 +135,10 @@ def non_negative_ints(layer: str, name: str, value: Any, ndim: int) -> tuple[int
         sizes = tuple(-1 if isinstance(v, bool) else operator.index(v) for v in values)
     except TypeError:
         sizes = ()
-    if len(sizes) != ndim or min(sizes) < 0:
+    if len(sizes) != ndim or min(sizes) < 0 or max(sizes) >= MAX_SIZE:
         raise errors.LayerConfigError(
             f"{layer}: `{name}` must be a non-negative int or {ndim} of them (one per spatial "
-            f"axis of the {ndim}-d kernel_size), got {value!r}. E.g. {name}=1."
+            f"axis of the {ndim}-d kernel_size), below 2**63; got {value!r:.80}. E.g. {name}=1."
         )
     return sizes
 

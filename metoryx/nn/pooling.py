@@ -22,6 +22,7 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import function_label
 from metoryx._docstrings import fill_docstring
 from metoryx.nn._arguments import (
@@ -179,7 +180,7 @@ def avg_pool(
 
     Args:
         {window_args}
-        count_include_pad: whether padded zeros count in the divisor.
+        count_include_pad: whether padded zeros count in the divisor, True or False.
 
     Returns:
         The pooled array ``(*batch, *out_spatial, channels)``, of the (floating) dtype of
@@ -197,6 +198,10 @@ def avg_pool(
     """
     x = jnp.asarray(x)
     window = _Window("avg_pool", x.shape, kernel_size, strides, padding)
+    if not isinstance(count_include_pad, bool):  # the label walks the stack: error path only
+        count_include_pad = bool_argument(
+            function_label("avg_pool"), "count_include_pad", count_include_pad
+        )
     if not jnp.issubdtype(x.dtype, jnp.inexact):
         x = x.astype(jnp.result_type(float))
     summed = window.reduce(x, np.zeros((), x.dtype), lax.add)
@@ -226,7 +231,8 @@ def global_avg_pool(x: jax.Array, num_spatial_axes: int, keepdims: bool = False)
         ``keepdims``), of the (floating) dtype of ``x``.
 
     Raises:
-        LayerConfigError: if ``num_spatial_axes`` is not a positive int.
+        LayerConfigError: if ``num_spatial_axes`` is not a positive int or ``keepdims`` not a
+            bool.
         InputShapeError: if ``x`` has fewer than ``num_spatial_axes + 1`` axes.
 
     Example:
@@ -239,6 +245,8 @@ def global_avg_pool(x: jax.Array, num_spatial_axes: int, keepdims: bool = False)
         (2, 1, 1, 2)
     """
     name = "global_avg_pool"
+    if not isinstance(keepdims, bool):  # the label walks the stack: error path only
+        keepdims = bool_argument(function_label(name), "keepdims", keepdims)
     num_spatial_axes = positive_int(
         name,
         "num_spatial_axes",
@@ -363,9 +371,9 @@ def _spatial_shape(
     """The ``ndim`` spatial sizes of an input ``(*batch, *spatial, channels)``, or an
     InputShapeError that says where ``ndim`` came from (``given``) and how to fix it."""
     if len(shape) < ndim + 1:
+        axes = ", ".join(f"s{i}" for i in range(1, ndim + 1)) if ndim <= 4 else f"s1, ..., s{ndim}"
         raise errors.InputShapeError(
-            f"{function_label(name)}: expected an input of shape "
-            f"(*batch, {', '.join(f's{i}' for i in range(1, ndim + 1))}, channels) with "
+            f"{function_label(name)}: expected an input of shape (*batch, {axes}, channels) with "
             f"{ndim} spatial axes ({given}) and channels last, got shape {shape}. Add the "
             f"channel axis (x[..., None] for a single channel), or {fix}."
         )

@@ -144,6 +144,13 @@ def test_dtypes():
         (dict(kernel_size=(2, 2), strides=(1, 1, 1)), "2 ints"),
         (dict(kernel_size=(2, 2), padding="FULL"), "`padding` must be"),
         (dict(kernel_size=(2, 2), padding=-1), "non-negative"),
+        # Found by tests/test_bad_arguments.py: sizes past int64 failed inside lax, and flags
+        # took any truthy value.
+        (dict(kernel_size=2**70), "past 2\\*\\*63 - 1"),
+        (dict(kernel_size=(2, 2), strides=2**70), "past 2\\*\\*63 - 1"),
+        (dict(kernel_size=(2, 2), padding=2**70), "below 2\\*\\*63"),
+        (dict(kernel_size=(2, 2), count_include_pad="no"), "`count_include_pad` must be True"),
+        (dict(kernel_size=(2, 2), count_include_pad=np.ones(2)), "True or False"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -325,6 +332,9 @@ def test_adaptive_avg_pool_under_jit_matches_reference(output_size):
         (lambda p: p.global_avg_pool(X, 0), "`num_spatial_axes` must be a positive int"),
         (lambda p: p.global_avg_pool(X, (1, 2)), "got \\(1, 2\\)"),
         (lambda p: p.global_avg_pool(X, True), "got True"),
+        (lambda p: p.global_avg_pool(X, 2**70), "past 2\\*\\*63 - 1"),
+        (lambda p: p.global_avg_pool(X, 2, keepdims=[]), "`keepdims` must be True or False"),
+        (lambda p: p.adaptive_avg_pool(X, 2**70), "past 2\\*\\*63 - 1"),
     ],
 )
 def test_global_and_adaptive_bad_arguments(call, match):
@@ -357,3 +367,9 @@ def test_global_and_adaptive_bad_input_shape(module, shape, expected):
     for text in expected:
         assert text in str(info.value)
     assert "x[..., None]" in str(info.value) or "at least one element" in str(info.value)
+
+
+def test_too_few_axes_for_many_spatial_axes_is_named_briefly():
+    # The message once listed every axis: num_spatial_axes=2**62 ran out of memory building it.
+    with pytest.raises(mx.errors.InputShapeError, match=r"\(\*batch, s1, \.\.\., s1000, ch"):
+        mx.global_avg_pool(X, 1000)
