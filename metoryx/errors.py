@@ -223,7 +223,8 @@ class MissingRngError(MetoryxError, ValueError):
 
 
 class RngsTypeError(MetoryxError, TypeError):
-    """``rngs`` was not ``None``, a key, or a dict of named keys.
+    """``rngs`` was not ``None``, a key, or a dict of named keys; or the ``rng`` argument of a
+    function such as :func:`metoryx.dropout` was not one key.
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx

@@ -8,7 +8,7 @@ other variables, so editing one layer never moves another layer's start.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import jax
@@ -68,7 +68,7 @@ _fold_in_twice_batched = jit(jax.vmap(_fold_in_twice, in_axes=(None, 0, 0)))
 
 def is_key(x: Any) -> bool:
     """Whether ``x`` is a typed key or a legacy ``uint32[2]``/``uint32[4]`` key."""
-    dtype = getattr(x, "dtype", None)
+    dtype = _array_dtype(x)
     if dtype is None:
         return False
     if jnp.issubdtype(dtype, jax.dtypes.prng_key):
@@ -79,7 +79,7 @@ def is_key(x: Any) -> bool:
 def key_batch_shape(x: Any) -> tuple[int, ...]:
     """The leading shape of a batch of keys (``jax.random.split(key, 4)`` -> ``(4,)``); ``()``
     for one key or anything that is no key array."""
-    dtype = getattr(x, "dtype", None)
+    dtype = _array_dtype(x)
     if dtype is None:
         return ()
     shape = tuple(jnp.shape(x))
@@ -88,6 +88,36 @@ def key_batch_shape(x: Any) -> tuple[int, ...]:
     if dtype == np.uint32 and len(shape) > 1 and shape[-1] in (2, 4):
         return shape[:-1]
     return ()
+
+
+def _array_dtype(x: Any) -> Any:
+    """The dtype of an array (a traced one included), None for anything else: a scalar type
+    such as ``np.float32`` has a ``dtype`` attribute that is no dtype."""
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return cast(Any, x).dtype  # np.ndarray[Unknown] narrowed from Any: the cast says Any
+    return None
+
+
+def key_argument(label: Callable[[], str], name: str, value: Any, fix: str) -> jax.Array:
+    """``value`` if it is one random key (typed, or a legacy ``uint32[2]``/``uint32[4]``), else
+    an RngsTypeError naming the function (``label()``, called on the error path only) and the
+    argument ``name``, ending with ``fix``.
+
+    Example:
+        >>> import jax
+        >>> from metoryx._core.rng import key_argument
+        >>> key = jax.random.key(0)
+        >>> key_argument(lambda: "dropout", "rng", key, "Pass rng=None.") is key
+        True
+    """
+    batch = key_batch_shape(value)
+    if not batch and is_key(value):
+        return cast(jax.Array, value)
+    given = f"a batch of keys of shape {batch}" if batch else _describe(value)
+    raise errors.RngsTypeError(
+        f"{label()}: `{name}` must be one random key, such as jax.random.key(0) (or a legacy "
+        f"jax.random.PRNGKey(0)); got {given}. {fix}"
+    )
 
 
 def as_root_key(key: Any) -> jax.Array:
@@ -262,7 +292,7 @@ def _missing(stream: str, given: Mapping[str, Any]) -> errors.MissingRngError:
 
 
 def _describe(x: Any) -> str:
-    dtype = getattr(x, "dtype", None)
+    dtype = _array_dtype(x)
     if dtype is None:
-        return f"{type(x).__name__} {x!r}"
+        return f"{type(x).__name__} {x!r:.60}"
     return f"{type(x).__name__} of dtype {dtype} and shape {jnp.shape(x)}"

@@ -30,10 +30,11 @@ from jax import lax
 from metoryx import errors, initializers
 from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, function_label, module_label
+from metoryx._core.rng import key_argument
 from metoryx._core.variables import State
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, metoryx_only, same, transposed
-from metoryx.nn._arguments import check_rate, check_timescale, positive_int
+from metoryx.nn._arguments import check_number, check_rate, check_timescale, positive_int
 from metoryx.nn._compute import (
     DEFAULT_KERNEL_INIT,
     cast,
@@ -46,6 +47,7 @@ from metoryx.nn.linear import Dense
 from metoryx.nn.positional import apply_rotary
 
 _NAME = "dot_product_attention"
+_RNG_FIX = "Or pass rng=None to draw one from the 'dropout' stream of apply_fn's rngs."
 
 
 def dot_product_attention(
@@ -106,9 +108,12 @@ def dot_product_attention(
             calling layer, if any), or the mask, the bias or ``causal_offset`` has a shape
             that does not broadcast.
         InputDtypeError: if the query, key or value is not floating, the mask not boolean,
-            the bias not floating or ``causal_offset`` not an integer.
-        LayerConfigError: if ``dropout_rate`` is not a number in ``[0, 1]``, or
-            ``causal_offset`` is given without ``is_causal``.
+            the bias not floating or ``causal_offset`` not an integer (or any of the last
+            three is no array at all).
+        LayerConfigError: if ``dropout_rate`` is not a number in ``[0, 1]``, ``is_causal``
+            not a bool, ``scale`` not None or a finite number, ``dtype`` not None or a numeric
+            dtype, or ``causal_offset`` is given without ``is_causal``.
+        RngsTypeError: if ``rng`` is neither None nor one random key.
         MissingRngError: with ``0 < dropout_rate < 1``, no ``rng`` and no key in
             ``apply_fn``.
 
@@ -126,7 +131,18 @@ def dot_product_attention(
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     lead, heads, t, s = _check_qkv(query, key, value)
     rate = check_rate(_NAME, "dropout_rate", dropout_rate)
-    dtype = compute_dtype(dtype, query, key, value)
+    if not isinstance(is_causal, bool):  # the label walks the stack: error path only
+        is_causal = bool_argument(function_label(_NAME), "is_causal", is_causal)
+    if scale is not None:
+        scale = check_number(
+            _NAME,
+            "scale",
+            scale,
+            fix="It multiplies the logits: pass a Python float, or None for 1 / sqrt(head_dim).",
+        )
+    if rng is not None:
+        rng = key_argument(lambda: function_label(_NAME), "rng", rng, _RNG_FIX)
+    dtype = compute_dtype(layer_dtype(_NAME, dtype), query, key, value)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise errors.InputDtypeError(
             f"{function_label(_NAME)}: expected a floating query, key and value, got "
@@ -135,7 +151,7 @@ def dot_product_attention(
         )
     logits_dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)
     if mask is not None:
-        mask = _logits_shaped("mask", mask, lead, heads, t, s)
+        mask = _logits_shaped("mask", _as_array("mask", mask), lead, heads, t, s)
         if mask.dtype != jnp.bool_:
             raise errors.InputDtypeError(
                 f"{function_label(_NAME)}: `mask` must be boolean (True where a query may "
@@ -143,14 +159,14 @@ def dot_product_attention(
                 f"a 0/1 mask as mask.astype(bool)."
             )
     if bias is not None:
-        bias = _logits_shaped("bias", bias, lead, heads, t, s)
+        bias = _logits_shaped("bias", _as_array("bias", bias), lead, heads, t, s)
         if not jnp.issubdtype(bias.dtype, jnp.floating):
             raise errors.InputDtypeError(
                 f"{function_label(_NAME)}: `bias` is added to the logits and must be floating, "
                 f"got dtype {bias.dtype}. Pass a boolean mask as `mask`, or cast the bias."
             )
         bias = cast(bias, logits_dtype)
-    offset = _check_offset(causal_offset, is_causal)
+    offset = _check_offset(causal_offset, is_causal, t, s)
     if is_causal and (offset is not None or rate > 0.0):  # JAX knows top-left, no dropout
         causal = _causal_mask(t, s, 0 if offset is None else offset)
         mask = causal if mask is None else jnp.logical_and(mask, causal)
@@ -239,13 +255,29 @@ def _logits_shaped(
     return x.reshape(batch + rest)
 
 
-def _check_offset(offset: Any, is_causal: bool) -> jax.Array | int | None:
+def _as_array(name: str, value: Any) -> jax.Array:
+    """A mask, bias or offset as a JAX array; one that JAX cannot hold is an InputDtypeError."""
+    if isinstance(value, jax.Array):
+        return value
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError, OverflowError):  # strings, objects, ragged lists, huge ints
+        raise errors.InputDtypeError(
+            f"{function_label(_NAME)}: `{name}` must be an array (or a number), got "
+            f"{type(value).__name__} {value!r:.60}. Pass a boolean mask as `mask`, a floating "
+            f"bias as `bias` and an int (or a 0-d integer array) as `causal_offset`."
+        ) from None
+
+
+def _check_offset(offset: Any, is_causal: bool, t: int, s: int) -> jax.Array | int | None:
     """The causal offset to build a mask with, or None for the plain top-left causal mask."""
     if isinstance(offset, int) and not isinstance(offset, bool):
         if offset != 0 and not is_causal:
             raise _offset_without_causal(offset)
-        return None if offset == 0 else offset
-    array = jnp.asarray(offset)
+        # Beyond [-T, S] the mask no longer changes (no key or every key is visible): clamped,
+        # a huge Python int still fits the int32 positions.
+        return None if offset == 0 else min(max(offset, -t), s)
+    array = _as_array("causal_offset", offset)
     if not jnp.issubdtype(array.dtype, jnp.integer):
         raise errors.InputDtypeError(
             f"{function_label(_NAME)}: `causal_offset` must be an int or an integer array, got "

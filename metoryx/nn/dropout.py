@@ -8,9 +8,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from metoryx._core.module import Module, function_label
-from metoryx._core.rng import next_rng_key
+from metoryx._core.rng import key_argument, next_rng_key
 from metoryx.nn._arguments import check_rate
 from metoryx.nn._compute import training_flag
+
+_RNG_FIX = "Or pass rng=None to draw one from the 'dropout' stream of apply_fn's rngs."
 
 
 def dropout(
@@ -39,6 +41,7 @@ def dropout(
 
     Raises:
         LayerConfigError: if ``rate`` is not a number in ``[0, 1]``.
+        RngsTypeError: if ``rng`` is neither None nor one random key.
         MissingRngError: in training with ``0 < rate``, no ``rng`` and no key in ``apply_fn``.
         ApplyContextError: in training with ``0 < rate``, no ``rng`` and called outside
             ``apply_fn``.
@@ -52,6 +55,8 @@ def dropout(
         True
     """
     check_rate("dropout", "rate", rate)
+    if rng is not None:
+        rng = key_argument(lambda: function_label("dropout"), "rng", rng, _RNG_FIX)
     if not training_flag(is_training, lambda: function_label("dropout")) or rate == 0.0:
         return x
     if rate == 1.0:

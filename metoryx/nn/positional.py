@@ -16,7 +16,8 @@ import numpy as np
 
 from metoryx import errors
 from metoryx._core.module import function_label
-from metoryx.nn._arguments import check_timescale
+from metoryx._core.variables import numeric_dtype
+from metoryx.nn._arguments import check_timescale, positive_int
 from metoryx.nn._compute import cast
 
 
@@ -39,14 +40,14 @@ def sinusoidal_embedding(
         positions: integer or floating positions, of any shape (e.g. ``jnp.arange(seq)``).
         features: the size of each encoding, a positive even int.
         max_timescale: the longest wavelength is ``2 pi max_timescale`` positions.
-        dtype: the dtype of the result.
+        dtype: the dtype of the result, a floating dtype.
 
     Returns:
         The encodings, of shape ``(*positions.shape, features)`` and dtype ``dtype``.
 
     Raises:
-        LayerConfigError: if ``features`` is not a positive even int or ``max_timescale`` is
-            not positive.
+        LayerConfigError: if ``features`` is not a positive even int, ``max_timescale`` is
+            not positive or ``dtype`` is not a floating dtype.
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx
@@ -61,7 +62,13 @@ def sinusoidal_embedding(
     """
     name = "sinusoidal_embedding"
     _check_size(name, "features", features)
-    dtype = jnp.dtype(dtype)
+    found = None if dtype is None else numeric_dtype(dtype)
+    if found is None or not jnp.issubdtype(found, jnp.floating):
+        raise errors.LayerConfigError(
+            f"{name}: `dtype` is the dtype of the encodings (sines and cosines) and must be a "
+            f"floating dtype, got {dtype!r:.60}. Pass e.g. dtype=jnp.float32 or jnp.bfloat16."
+        )
+    dtype = found
     check_timescale(name, max_timescale)
     angles = _angles(positions, features, max_timescale, dtype)
     return cast(jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1), dtype)
@@ -184,8 +191,8 @@ def _frequencies(features: int, max_timescale: float, dtype: np.dtype) -> np.nda
 
 
 def _check_size(name: str, arg: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value % 2:
+    fix = f"Sin and cos, or the two channels rotated together, come in pairs: pass e.g. {arg}=64."
+    if positive_int(name, arg, value, fix) % 2:
         raise errors.LayerConfigError(
-            f"{name}: `{arg}` must be a positive even int (sin and cos, or the two channels "
-            f"rotated together, come in pairs), got {value!r}. Pass e.g. {arg}=64."
+            f"{name}: `{arg}` must be a positive even int, got {value!r}. {fix}"
         )

@@ -232,7 +232,9 @@ def test_next_rng_key_outside_apply():
 
 @pytest.mark.parametrize(
     "rngs",
-    [0, 1.5, "key", jnp.zeros(3), jnp.zeros((2,), jnp.int32), [jax.random.key(0)]],
+    # np.float32 (a scalar type) has a `dtype` attribute that is no dtype: it once got through
+    # to jnp.issubdtype, a raw TypeError.
+    [0, 1.5, "key", jnp.zeros(3), jnp.zeros((2,), jnp.int32), [jax.random.key(0)], np.float32],
 )
 def test_bad_rngs_are_an_rngs_type_error(rngs):
     _, apply_fn = mx.transform(Draws())

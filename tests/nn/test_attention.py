@@ -117,6 +117,16 @@ def test_causal_offset_is_bottom_right_and_may_be_traced(torch):
     assert_close(traced, out, n=N_FUNCTION)
 
 
+def test_a_huge_python_causal_offset_means_every_or_no_key():
+    # Found by tests/test_bad_arguments.py: 2**70 overflowed the int32 positions of the mask.
+    q, k = _normal((2, 3, 2, 4)), _normal((2, 5, 2, 4), 1)
+    every = dot_product_attention(q, k, k, is_causal=True, causal_offset=2**70)
+    np.testing.assert_array_equal(every, dot_product_attention(q, k, k))
+    none = dot_product_attention(q, k, k, is_causal=True, causal_offset=-(2**70))
+    no_key = jnp.zeros((3, 5), bool)  # all masked: the mean of the values, JAX's convention
+    np.testing.assert_array_equal(none, dot_product_attention(q, k, k, mask=no_key))
+
+
 def test_scale_and_computation_dtype():
     q, k = _normal((2, 3, 2, 4)), _normal((2, 5, 2, 4), 1)
 
@@ -630,6 +640,21 @@ _Q, _K = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 5, 2, 8))
          mx.errors.InputShapeError, ["single offset", "(2,)"]),
         ((_Q, _K, _K), {"dropout_rate": 1.5}, mx.errors.LayerConfigError,
          ["dot_product_attention", "dropout_rate", "1.5"]),
+        # Found by tests/test_bad_arguments.py: these reached JAX or NumPy unchecked.
+        ((_Q, _K, _K, "x"), {}, mx.errors.InputDtypeError, ["`mask` must be an array", "'x'"]),
+        ((_Q, _K, _K, None, [None]), {}, mx.errors.InputDtypeError, ["`bias` must be an array"]),
+        ((_Q, _K, _K, None, 2**70), {}, mx.errors.InputDtypeError, ["`bias`", "11805916"]),
+        ((_Q, _K, _K, None, None, True), {"causal_offset": "2"}, mx.errors.InputDtypeError,
+         ["`causal_offset` must be an array"]),
+        ((_Q, _K, _K, None, None, np.ones(2)), {}, mx.errors.LayerConfigError,
+         ["`is_causal` must be True or False"]),
+        ((_Q, _K, _K), {"scale": "0.5"}, mx.errors.LayerConfigError, ["`scale`", "'0.5'"]),
+        ((_Q, _K, _K), {"scale": [1.0, 2.0]}, mx.errors.LayerConfigError, ["`scale`", "None"]),
+        ((_Q, _K, _K), {"dtype": "zeros"}, mx.errors.LayerConfigError, ["`dtype`", "'zeros'"]),
+        ((_Q, _K, _K), {"dropout_rate": 0.5, "rng": 0}, mx.errors.RngsTypeError,
+         ["`rng` must be one random key", "got int 0", "rng=None"]),
+        ((_Q, _K, _K), {"rng": jax.random.split(jax.random.key(0))}, mx.errors.RngsTypeError,
+         ["a batch of keys of shape (2,)"]),
     ],
 )  # fmt: skip
 def test_function_errors(args, kwargs, error, fragments):

@@ -149,3 +149,23 @@ def test_module_bad_rate(rate):
 def test_function_rejects_a_rate_that_is_not_a_number():
     with pytest.raises(mx.errors.LayerConfigError, match=r"^dropout: `rate`.*'0\.5'"):
         mx.dropout(jnp.ones(4), "0.5", is_training=True)
+
+
+@pytest.mark.parametrize(
+    "rng, given",
+    [
+        (0, "got int 0"),
+        ("key", "got str 'key'"),
+        (np.ones(2), "dtype float64"),
+        (jax.random.split(jax.random.key(0), 3), "a batch of keys of shape (3,)"),
+    ],
+)
+def test_function_rejects_an_rng_that_is_not_one_key(rng, given):
+    # Found by tests/test_bad_arguments.py: the value reached jax.random unchecked.
+    with pytest.raises(mx.errors.RngsTypeError) as info:
+        mx.dropout(jnp.ones(4), 0.5, is_training=True, rng=rng)
+    message = str(info.value)
+    assert message.startswith("dropout: `rng` must be one random key") and given in message
+    assert "rng=None" in message
+    legacy = jax.random.PRNGKey(0)
+    assert mx.dropout(jnp.ones(4), 0.5, is_training=True, rng=legacy).shape == (4,)

@@ -166,6 +166,13 @@ def test_apply_rotary_jit_grad_and_dtypes():
         (lambda: rotary_frequencies(5), "`head_dim` must be a positive even int"),
         (lambda: rotary_frequencies(8, max_timescale=-1), "got -1"),
         (lambda: apply_rotary(X, jnp.arange(6), max_timescale="big"), "max_timescale"),
+        # Found by tests/test_bad_arguments.py: a dtype went to jnp.dtype unchecked (None
+        # meant float64), and sizes past 2**63 - 1 failed inside NumPy.
+        (lambda: sinusoidal_embedding(jnp.arange(3), 4, dtype="zeros"), "floating dtype"),
+        (lambda: sinusoidal_embedding(jnp.arange(3), 4, dtype=None), "got None"),
+        (lambda: sinusoidal_embedding(jnp.arange(3), 4, dtype=jnp.int32), "floating dtype"),
+        (lambda: sinusoidal_embedding(jnp.arange(3), 2**70), "past 2\\*\\*63 - 1"),
+        (lambda: rotary_frequencies(2**70), "past 2\\*\\*63 - 1"),
     ],
 )
 def test_bad_arguments(call, match):
