@@ -291,6 +291,69 @@ def test_switch_without_branches_says_so():
         mx.apply(model)({}, None, X)
 
 
+# Found by tests/test_bad_arguments.py: these reached lax.switch (or Python) unchecked, and a
+# float or negative pred picked a branch by truncation and clamping where lax.cond refuses or
+# reads nonzero as true.
+BAD_BRANCH_ARGUMENTS = {
+    "index a str": (lambda: mx.switch("1", [jnp.sin], X), errors.InputDtypeError, "`index`"),
+    "index a bool": (lambda: mx.switch(True, [jnp.sin], X), errors.InputDtypeError, "mx.cond"),
+    "index a float": (lambda: mx.switch(1.0, [jnp.sin], X), errors.InputDtypeError, "astype"),
+    "index with axes": (
+        lambda: mx.switch(jnp.zeros(2, jnp.int32), [jnp.sin], X),
+        errors.InputShapeError,
+        "shape (2,)",
+    ),
+    "branches not a list": (lambda: mx.switch(0, jnp.sin, X), errors.LayerConfigError, "list"),
+    "a branch not callable": (
+        lambda: mx.switch(0, [jnp.sin, 2], X),
+        errors.LayerConfigError,
+        "{1: 'int 2'}",
+    ),
+    "branches of other shapes": (
+        lambda: mx.switch(0, [jnp.sin, jnp.sum], X),
+        errors.LayerConfigError,
+        "branch 0 returns float32[2, 3]",
+    ),
+    "a branch returning no array": (
+        lambda: mx.switch(0, [jnp.sin, str], X),
+        errors.LayerConfigError,
+        "branch 1 returned str",
+    ),
+    "pred a float": (lambda: mx.cond(0.5, jnp.sin, jnp.cos, X), errors.InputDtypeError, "x > 0"),
+    "pred a str": (lambda: mx.cond("yes", jnp.sin, jnp.cos, X), errors.InputDtypeError, "`pred`"),
+    "true_fn not callable": (
+        lambda: mx.cond(True, None, jnp.cos, X),
+        errors.LayerConfigError,
+        "`true_fn` must be a function",
+    ),
+    "branches returning None and an array": (
+        lambda: mx.cond(True, lambda x: None, jnp.cos, X),
+        errors.LayerConfigError,
+        "false_fn returns float32[2, 3]; true_fn returns None",
+    ),
+}
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["outside", "inside apply_fn"])
+@pytest.mark.parametrize("case", BAD_BRANCH_ARGUMENTS)
+def test_bad_branch_arguments_are_our_errors(case, inside):
+    call, error, fragment = BAD_BRANCH_ARGUMENTS[case]
+    with pytest.raises(error) as info:
+        if inside:
+            mx.apply(mx.Lambda(lambda _: call()))({}, None, X)
+        else:
+            call()
+    assert str(info.value).startswith(("mx.switch", "mx.cond")) and fragment in str(info.value)
+
+
+def test_an_int_pred_is_true_when_nonzero_and_a_huge_index_is_clamped():
+    for pred in [-1, 2, np.int8(-3), jnp.int32(-1)]:
+        np.testing.assert_array_equal(mx.cond(pred, jnp.sin, jnp.cos, X), jnp.sin(X))
+    np.testing.assert_array_equal(mx.cond(0, jnp.sin, jnp.cos, X), jnp.cos(X))
+    np.testing.assert_array_equal(mx.switch(2**70, [jnp.sin, jnp.cos], X), jnp.cos(X))
+    np.testing.assert_array_equal(mx.switch(-(2**70), [jnp.sin, jnp.cos], X), jnp.sin(X))
+
+
 class RawCondState(mx.Module):
     def __init__(self):
         self.counted = Counted()
