@@ -1,8 +1,12 @@
-"""Activations: JAX's own functions, re-exported unchanged, and the PReLU layer.
+"""Activations: JAX's own functions, re-exported or checked, and the PReLU layer.
 
-The functions are JAX's own objects (from ``jax.nn``, and ``jax.numpy.tanh``), each with its
-JAX docstring: ``mx.relu is jax.nn.relu``. ``PReLU``, whose negative slope is learned, is a
-module defined here (see its docstring).
+The functions without configuration are JAX's own objects (from ``jax.nn``, and
+``jax.numpy.tanh``), each with its JAX docstring: ``mx.relu is jax.nn.relu``. Those that take
+a configuration argument (``leaky_relu``, ``elu``, ``celu``, ``glu``, ``softmax``,
+``log_softmax``, ``gelu``) are thin wrappers that check it (a ``LayerConfigError`` names the
+function, the argument, what it must be and what was given) and call JAX's function with the
+same arguments: the same program, the same values. ``PReLU``, whose negative slope is learned,
+is a module defined here (see its docstring).
 
 =================  ==============================================================
 ``relu``           ``max(x, 0)``
@@ -36,32 +40,29 @@ Example:
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.nn import (
-    celu,
-    elu,
-    gelu,
-    glu,
     hard_tanh,
-    leaky_relu,
     log_sigmoid,
-    log_softmax,
     relu,
     relu6,
     selu,
     sigmoid,
     silu,
-    softmax,
     softplus,
     swish,
 )
 from jax.numpy import tanh
 
 from metoryx import errors, initializers
-from metoryx._core.module import Module, module_label
+from metoryx._core.arguments import bool_argument
+from metoryx._core.module import Module, function_label, module_label
 from metoryx._core.variables import Parameter
 from metoryx.nn._arguments import check_number, positive_int
 from metoryx.nn._compute import cast, compute_dtype, layer_dtype
@@ -167,3 +168,244 @@ class PReLU(Module):
         dtype = compute_dtype(self.dtype, x, weight)
         x = cast(x, dtype)
         return jnp.where(x > 0, x, cast(weight, dtype).reshape(shape) * x)
+
+
+# The functions that take configuration: checked here, computed by JAX's own.
+
+
+def leaky_relu(x: jax.Array, negative_slope: Any = 0.01) -> jax.Array:
+    """``x`` where ``x >= 0``, else ``negative_slope * x``: ``jax.nn.leaky_relu``, checked.
+
+    Args:
+        x: the input, of any shape.
+        negative_slope: a finite real number, or a real array that broadcasts to the shape of
+            ``x`` (e.g. one slope per channel, traced is fine).
+
+    Returns:
+        An array of the shape of ``x``.
+
+    Raises:
+        LayerConfigError: if ``negative_slope`` is neither.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.leaky_relu(jnp.array([-2.0, 3.0]), negative_slope=0.1)
+        Array([-0.2,  3. ], dtype=float32)
+    """
+    slope = _coefficient("leaky_relu", "negative_slope", negative_slope, x)
+    # JAX's default is a constant of its program; a value passed is an argument of its jit.
+    return jax.nn.leaky_relu(x) if _is(slope, 0.01) else jax.nn.leaky_relu(x, slope)
+
+
+def elu(x: jax.Array, alpha: Any = 1.0) -> jax.Array:
+    """``x`` where ``x > 0``, else ``alpha * (exp(x) - 1)``: ``jax.nn.elu``, checked.
+
+    Args:
+        x: the input, of any shape.
+        alpha: a finite real number, or a real array that broadcasts to the shape of ``x``.
+
+    Returns:
+        An array of the shape of ``x``.
+
+    Raises:
+        LayerConfigError: if ``alpha`` is neither.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.elu(jnp.array([0.0, 2.0]), alpha=0.5)
+        Array([0., 2.], dtype=float32)
+    """
+    alpha = _coefficient("elu", "alpha", alpha, x)
+    return jax.nn.elu(x) if _is(alpha, 1.0) else jax.nn.elu(x, alpha)
+
+
+def celu(x: jax.Array, alpha: Any = 1.0) -> jax.Array:
+    """``max(x, 0) + alpha * min(exp(x / alpha) - 1, 0)``: ``jax.nn.celu``, checked.
+
+    Args:
+        x: the input, of any shape.
+        alpha: a finite nonzero real number (``x`` is divided by it), or a real array that
+            broadcasts to the shape of ``x``.
+
+    Returns:
+        An array of the shape of ``x``.
+
+    Raises:
+        LayerConfigError: if ``alpha`` is neither, or 0.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.celu(jnp.array([0.0, 2.0]), alpha=0.5)
+        Array([0., 2.], dtype=float32)
+    """
+    alpha = _coefficient("celu", "alpha", alpha, x)
+    if isinstance(alpha, float) and alpha == 0.0:
+        raise errors.LayerConfigError(
+            f"{function_label('celu')}: `alpha` must not be 0: celu divides x by it. Pass e.g. "
+            f"alpha=1.0 (PyTorch's default)."
+        )
+    return jax.nn.celu(x) if _is(alpha, 1.0) else jax.nn.celu(x, alpha)
+
+
+def glu(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Gated linear unit: ``a * sigmoid(b)`` for the halves ``a, b`` of ``x`` along ``axis``:
+    ``jax.nn.glu``, checked.
+
+    Args:
+        x: the input; its ``axis`` has an even size.
+        axis: the axis to halve, an int in ``[-x.ndim, x.ndim)``.
+
+    Returns:
+        An array of the shape of ``x`` with ``axis`` halved.
+
+    Raises:
+        LayerConfigError: if ``axis`` is not an int or not an axis of ``x``.
+        InputShapeError: if the size of ``x`` along ``axis`` is odd.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.glu(jnp.array([[1.0, 2.0, 0.0, 0.0]])).tolist()
+        [[0.5, 1.0]]
+    """
+    shape = np.shape(x)
+    axis = _axis("glu", axis, len(shape))
+    if shape[axis] % 2:
+        raise errors.InputShapeError(
+            f"{function_label('glu')}: axis {axis} of the input (shape {shape}) has the odd size "
+            f"{shape[axis]}; glu halves it into a value and a gate. Give it an even size, or "
+            f"pass the axis that holds the two halves."
+        )
+    return jax.nn.glu(x, axis)
+
+
+def softmax(x: jax.Array, axis: Any = -1, where: Any = None) -> jax.Array:
+    """``exp(x) / sum(exp(x))`` along ``axis``: ``jax.nn.softmax``, checked.
+
+    Args:
+        x: the input, of any shape.
+        axis: an axis of ``x``, a tuple (or list) of distinct axes, or None for all of them.
+        where: elements to include (as in JAX); the output of a masked-out element is 0.
+
+    Returns:
+        An array of the shape of ``x`` whose entries along ``axis`` sum to 1.
+
+    Raises:
+        LayerConfigError: if ``axis`` is none of those.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.softmax(jnp.zeros((2, 2)), axis=0)
+        Array([[0.5, 0.5],
+               [0.5, 0.5]], dtype=float32)
+    """
+    return jax.nn.softmax(x, _axes("softmax", axis, np.ndim(x)), where)
+
+
+def log_softmax(x: jax.Array, axis: Any = -1, where: Any = None) -> jax.Array:
+    """``x - logsumexp(x)`` along ``axis``: ``jax.nn.log_softmax``, checked.
+
+    Args:
+        x: the input, of any shape.
+        axis: an axis of ``x``, a tuple (or list) of distinct axes, or None for all of them.
+        where: elements to include (as in JAX).
+
+    Returns:
+        An array of the shape of ``x``.
+
+    Raises:
+        LayerConfigError: if ``axis`` is none of those.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.log_softmax(jnp.zeros(2))
+        Array([-0.6931472, -0.6931472], dtype=float32)
+    """
+    return jax.nn.log_softmax(x, _axes("log_softmax", axis, np.ndim(x)), where)
+
+
+def gelu(x: jax.Array, approximate: bool = True) -> jax.Array:
+    """Gaussian error linear unit: ``jax.nn.gelu``, with ``approximate`` checked.
+
+    ``approximate=True`` (the default, unlike PyTorch) is the tanh form; ``False`` the exact
+    (erf) form of PyTorch's default.
+
+    Args:
+        x: the input, of any shape.
+        approximate: True for the tanh approximation, False for the exact form.
+
+    Returns:
+        An array of the shape of ``x``.
+
+    Raises:
+        LayerConfigError: if ``approximate`` is not a bool.
+
+    Example:
+        >>> import jax.numpy as jnp, metoryx as mx
+        >>> mx.gelu(jnp.array([0.0, 10.0]), approximate=False)
+        Array([ 0., 10.], dtype=float32)
+    """
+    if not isinstance(approximate, bool):  # the label walks the stack: error path only
+        approximate = bool_argument(function_label("gelu"), "approximate", approximate)
+    return jax.nn.gelu(x, approximate)
+
+
+def _coefficient(name: str, argument: str, value: Any, x: Any) -> Any:
+    """A slope or alpha: a finite real number as a Python float (weakly typed, so it keeps
+    the dtype of ``x``), or a real array that broadcasts to ``x`` without growing it (its
+    leading axes added here, so that no rank promotion is asked of the user's settings)."""
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        return check_number(
+            name,
+            argument,
+            value,
+            fix=f"Pass e.g. {argument}={0.01 if argument == 'negative_slope' else 1.0}.",
+        )
+    shape, dtype = np.shape(x), value.dtype
+    real = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    try:
+        fits = np.broadcast_shapes(value.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not real or not fits:
+        raise errors.LayerConfigError(
+            f"{function_label(name)}: `{argument}` must be a number, or a real array that "
+            f"broadcasts to the input's shape {shape}; got an array of dtype {dtype} and shape "
+            f"{value.shape}. Pass a float, or one value per element or channel."
+        )
+    if value.ndim < len(shape):
+        value = value.reshape((1,) * (len(shape) - value.ndim) + value.shape)
+    return value
+
+
+def _is(value: Any, default: float) -> bool:
+    """Whether a checked coefficient is JAX's default (a Python float, not an array)."""
+    return isinstance(value, float) and value == default
+
+
+def _axis(name: str, value: Any, ndim: int) -> int:
+    """An axis of an ``ndim``-d input, as an int in ``[-ndim, ndim)``."""
+    try:
+        axis = -ndim - 1 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        axis = -ndim - 1
+    if not -ndim <= axis < ndim:
+        raise errors.LayerConfigError(
+            f"{function_label(name)}: `axis` must be an int in [{-ndim}, {ndim}), an axis of "
+            f"the {ndim}-d input, got {value!r:.60}. Pass e.g. axis=-1 for the last axis."
+        )
+    return axis
+
+
+def _axes(name: str, value: Any, ndim: int) -> int | tuple[int, ...] | None:
+    """None, one axis, or a tuple of distinct axes (a list becomes a tuple: JAX hashes it)."""
+    if value is None:
+        return None
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        return _axis(name, value, ndim)
+    axes = tuple(_axis(name, a, ndim) for a in value)
+    if len({a % ndim for a in axes}) != len(axes):
+        raise errors.LayerConfigError(
+            f"{function_label(name)}: `axis` names an axis twice, got {value!r:.60}. Pass each "
+            f"axis of the input once."
+        )
+    return axes

@@ -1,7 +1,9 @@
-"""Activations: JAX's functions re-exported as they are, documented in the module; PReLU against
-PyTorch, its variables, dtypes and errors."""
+"""Activations: JAX's functions re-exported as they are (those with configuration checked, then
+computed by JAX's), documented in the module; PReLU against PyTorch, its variables, dtypes and
+errors."""
 
 import inspect
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +15,79 @@ from metoryx.nn import activations
 from metoryx.nn.activations import PReLU
 
 JAX_FUNCTIONS = [name for name in activations.__all__ if name != "PReLU"]
+# The functions that take configuration: checked by metoryx, computed by JAX's own.
+CHECKED = {
+    "leaky_relu": {"negative_slope": 0.2},
+    "elu": {"alpha": 0.5},
+    "celu": {"alpha": 0.5},
+    "glu": {"axis": 0},
+    "softmax": {"axis": (0, 1)},
+    "log_softmax": {"axis": 0},
+    "gelu": {"approximate": False},
+}
+X = jnp.linspace(-3.0, 3.0, 24).reshape(4, 6)
 
 
-@pytest.mark.parametrize("name", JAX_FUNCTIONS)
+@pytest.mark.parametrize("name", sorted(set(JAX_FUNCTIONS) - set(CHECKED)))
 def test_functions_are_jax_own(name):
     source = jnp if name == "tanh" else jax.nn
     assert getattr(activations, name) is getattr(source, name)
     assert getattr(mx, name) is getattr(source, name)
+
+
+@pytest.mark.parametrize("name", CHECKED)
+def test_checked_functions_are_jax_own_program(name):
+    ours, theirs = getattr(mx, name), getattr(jax.nn, name)
+    for kwargs in ({}, CHECKED[name]):
+        program = [str(jax.make_jaxpr(partial(f, **kwargs))(X)) for f in (ours, theirs)]
+        assert program[0] == program[1]
+        np.testing.assert_array_equal(ours(X, **kwargs), theirs(X, **kwargs))
+
+
+def test_coefficients_may_be_arrays_traced_or_per_channel():
+    slopes = jnp.linspace(0.1, 0.6, 6)
+    expected = jnp.where(X >= 0, X, slopes[None] * X)
+    np.testing.assert_allclose(mx.leaky_relu(X, slopes), expected)  # (6,): axes added by us
+    traced = jax.jit(lambda x, s: mx.leaky_relu(x, s))(X, jnp.float32(0.2))
+    np.testing.assert_array_equal(traced, jax.nn.leaky_relu(X, 0.2))
+    np.testing.assert_array_equal(mx.elu(X, np.full((4, 1), 0.5)), jax.nn.elu(X, 0.5))
+    bf16 = X.astype(jnp.bfloat16)
+    assert mx.celu(bf16, np.float64(0.5)).dtype == jnp.bfloat16  # a number keeps x's dtype
+
+
+# Found by tests/test_bad_arguments.py: JAX's functions took these to a raw TypeError,
+# ValueError, IndexError or AssertionError, or (gelu) read any truthy value as True.
+BAD = [
+    (lambda: mx.leaky_relu(X, "0.1"), "leaky_relu: `negative_slope` must be a finite number"),
+    (lambda: mx.leaky_relu(X, None), "got None"),
+    (lambda: mx.leaky_relu(X, 2**70 * 1.0j), "negative_slope"),
+    (lambda: mx.leaky_relu(X, jnp.ones((2, 2))), "broadcasts to the input's shape (4, 6)"),
+    (lambda: mx.leaky_relu(X, jax.random.key(0)), "dtype key<fry>"),
+    (lambda: mx.elu(X, float("nan")), "elu: `alpha` must be a finite number"),
+    (lambda: mx.elu(X, [0.5]), "elu: `alpha`"),
+    (lambda: mx.celu(X, 0), "celu: `alpha` must not be 0"),
+    (lambda: mx.celu(X, True), "celu: `alpha`"),
+    (lambda: mx.glu(X, 2), "glu: `axis` must be an int in [-2, 2)"),
+    (lambda: mx.glu(X, "0"), "got '0'"),
+    (lambda: mx.glu(X, 2**70), "axis"),
+    (lambda: mx.softmax(X, 1.0), "softmax: `axis` must be an int in [-2, 2)"),
+    (lambda: mx.softmax(X, (0, -2)), "names an axis twice"),
+    (lambda: mx.log_softmax(X, [0, 5]), "log_softmax: `axis`"),
+    (lambda: mx.gelu(X, "no"), "gelu: `approximate` must be True or False"),
+]
+
+
+@pytest.mark.parametrize("call, match", BAD)
+def test_bad_configuration_is_a_layer_config_error(call, match):
+    with pytest.raises(mx.errors.LayerConfigError) as info:
+        call()
+    assert match in str(info.value)
+
+
+def test_glu_of_an_odd_axis_is_an_input_shape_error():
+    with pytest.raises(mx.errors.InputShapeError, match="odd size 3"):
+        mx.glu(jnp.ones((2, 3)))
+    assert mx.glu(X, 0).shape == (2, 6) and mx.softmax(X, [0, 1]).shape == (4, 6)
 
 
 def test_module_docstring_lists_every_function_and_prelu():
