@@ -286,7 +286,14 @@ class MethodError(MetoryxError, AttributeError):
 
 
 class LayerConfigError(MetoryxError, ValueError):
-    """A layer was built with arguments that cannot work together.
+    """A layer was built, or a function called, with configuration arguments that cannot work:
+    of the wrong type (``use_bias="no"``, ``strict=None``), out of range (a dropout rate of 2,
+    a negative window size) or not fitting together (``groups`` that do not divide the sizes).
+
+    Raised by layer constructors, by the functions that take configuration
+    (:func:`metoryx.max_pool`, :func:`metoryx.dropout`, :func:`metoryx.softmax`'s ``axis``,
+    ...) and by :func:`metoryx.switch`, :func:`metoryx.capture`,
+    :func:`metoryx.assign_variables` and the other functions of the model for theirs.
 
     Example:
         >>> import metoryx as mx

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from metoryx import errors
+from metoryx._core.arguments import bool_argument
 from metoryx._core.context import BoundVariable
 from metoryx._core.module import Module
 from metoryx._core.paths import flatten_variables, path_str
@@ -37,6 +38,7 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
         The modified copy.
 
     Raises:
+        LayerConfigError: if ``strict`` is not a bool.
         VariablesStructureError: with ``strict=True``, listing all missing and unused paths.
         VariableShapeError: listing every path whose array has the wrong shape.
 
@@ -54,6 +56,7 @@ def assign_variables(model: M, variables: Mapping[str, Any], strict: bool = True
         >>> bool(jnp.array_equal(body["kernel"], trained_body["kernel"]))
         True
     """
+    strict = bool_argument("assign_variables", "strict", strict)
     tree = walk(model)
     if not isinstance(variables, Mapping):
         raise errors.VariablesStructureError(

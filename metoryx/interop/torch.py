@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metoryx import errors
+from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, iter_children
 from metoryx._core.paths import Path, flatten_variables, path_str, unflatten_variables
 from metoryx._core.tree import walk
@@ -51,6 +52,7 @@ def load_state_dict(
         A ``variables`` dict for ``mx.transform(model)``'s ``apply_fn``.
 
     Raises:
+        LayerConfigError: if ``strict`` is not a bool.
         VariablesStructureError: listing the missing and unexpected entries by name (with
             the variable each missing entry fills), e.g. for a state_dict of another
             architecture; with ``strict=False``, if a variable has neither an entry nor an
@@ -65,6 +67,7 @@ def load_state_dict(
         >>> variables["params"]["kernel"].shape
         (3, 4)
     """
+    strict = bool_argument("load_state_dict", "strict", strict)
     _check_mapping("load_state_dict", "state_dict", state_dict, "torch_module.state_dict()")
     if variables is not None:
         _check_mapping("load_state_dict", "variables", variables, "init_fn(key)")

@@ -100,6 +100,13 @@ def test_non_strict_full_match_does_not_warn():
         mx.assign_variables(model, mx.init(model)(0), strict=False)
 
 
+@pytest.mark.parametrize("strict", ["no", None, 1, np.ones(2)])
+def test_strict_must_be_a_bool(strict):
+    # Found by tests/test_bad_arguments.py: any truthy value meant strict, any falsy one not.
+    with pytest.raises(errors.LayerConfigError, match="^assign_variables: `strict` must be True"):
+        mx.assign_variables(Net(), mx.init(Net())(0), strict=strict)
+
+
 def test_shape_mismatch_lists_every_path_and_leaves_the_model_untouched():
     model = Net()
     v = mx.init(model)(0)

@@ -348,6 +348,14 @@ def test_a_state_dict_that_is_no_dict_is_refused(state_dict):
         load_state_dict(mx.Dense(3, 4), state_dict)
 
 
+@pytest.mark.parametrize("strict", ["no", None, 0, np.ones(2)])
+def test_strict_must_be_a_bool(strict):
+    # Found by tests/test_bad_arguments.py: any truthy value meant strict, any falsy one not.
+    state_dict = {"weight": np.ones((4, 3), np.float32), "bias": np.zeros(4, np.float32)}
+    with pytest.raises(mx.errors.LayerConfigError, match="^load_state_dict: `strict` must be"):
+        load_state_dict(mx.Dense(3, 4), state_dict, strict=strict)
+
+
 def test_partial_load_base_variables_and_to_state_dict_variables_must_be_dicts():
     with pytest.raises(mx.errors.VariablesStructureError, match="`variables` must be a dict"):
         load_state_dict(mx.Dense(3, 4), {}, strict=False, variables=[1])
