@@ -373,4 +373,9 @@ def _check_length(where: str, length: Any) -> int:
         raise errors.LayerConfigError(
             f"{where}: the number of copies/steps must be a positive int, got {length!r}."
         )
+    if length >= 2**63:  # the leading axis of the stacked variables: no array has one so long
+        raise errors.LayerConfigError(
+            f"{where}: the number of copies/steps must be below 2**63 (it is the leading axis "
+            f"of the stacked variables), got {length!r}."
+        )
     return int(length)

@@ -59,11 +59,12 @@ class Vmap(Lifted):
         if axis_size is not None and (
             isinstance(axis_size, bool)
             or not isinstance(axis_size, (int, np.integer))
-            or int(axis_size) < 1
+            or not 1 <= int(axis_size) < 2**63  # the leading axis of the stacked variables
         ):
             raise errors.LayerConfigError(
-                f"{where}: axis_size must be a positive int (the number of members), got "
-                f"{axis_size!r}. Pass e.g. axis_size=4, or None to read it from the arguments."
+                f"{where}: axis_size must be a positive int below 2**63 (the number of "
+                f"members), got {axis_size!r}. Pass e.g. axis_size=4, or None to read it from "
+                f"the arguments."
             )
         if axis_name is not None and not isinstance(axis_name, str):
             raise errors.LayerConfigError(

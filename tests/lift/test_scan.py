@@ -407,6 +407,9 @@ def test_repeat_errors_name_the_layer_and_the_fix():
         (lambda: mx.Repeat(Block, 2, policy="dots"), "`policy` must be None"),
         (lambda: mx.scan(Cell(), length=2, unroll="2"), "`unroll`.*'2'"),
         (lambda: mx.scan(Cell(), length=2, policy=3), "`policy` must be None"),
+        # Found by tests/test_bad_arguments.py: init_fn listed 2**70 copy paths, a MemoryError.
+        (lambda: mx.Repeat(Block, 2**70), "below 2\\*\\*63.*1180591620717411303424"),
+        (lambda: mx.scan(Cell(), length=2**63), "below 2\\*\\*63"),
     ],
 )
 def test_bad_options_of_repeat_and_scan_are_named_at_construction(make, match):

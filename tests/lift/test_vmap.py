@@ -393,6 +393,8 @@ def test_an_unrolled_checkpoint_given_to_an_ensemble_points_to_mx_stack():
         (lambda: mx.vmap(Counter(), axis_size="3"), "axis_size must be a positive int.*'3'"),
         (lambda: mx.vmap(Counter(), axis_size=2.0), "axis_size must be a positive int.*2.0"),
         (lambda: mx.vmap(Counter(), axis_name=0), "axis_name must be None or a str"),
+        # Like mx.Repeat's n: init_fn would list 2**70 copy paths, a MemoryError.
+        (lambda: mx.vmap(Counter(), axis_size=2**70), "below 2\\*\\*63.*1180591620717411303424"),
     ],
     ids=[
         "not_a_module",
@@ -409,6 +411,7 @@ def test_an_unrolled_checkpoint_given_to_an_ensemble_points_to_mx_stack():
         "axis_size_str",
         "axis_size_float",
         "axis_name_int",
+        "axis_size_huge",
     ],
 )
 def test_configuration_errors_name_the_wrapper_and_the_fix(make, match):
