@@ -1,7 +1,12 @@
 """Random bad arguments to every public constructor (and the public functions that take
 configuration): each call either works, and the result then transforms and initializes, or
 raises an error of ``metoryx.errors``. Never a raw TypeError/ValueError/AttributeError from
-Python, NumPy or JAX, and nothing accepted that fails later inside JAX."""
+Python, NumPy or JAX, and nothing accepted that fails later inside JAX.
+
+The functions that compute on data (pooling, dropout, attention, positional encodings,
+activations, cond/switch) get valid data and bad configuration, called outside and inside
+``apply_fn``: they raise our error or return an array. An argument annotated ``bool`` that got
+anything but a bool must be refused, not read by its truthiness."""
 
 import inspect
 from collections.abc import Callable
@@ -126,6 +131,15 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], Callable[[], dict[str, Any]]]]
         mx.assign_variables,
         lambda: {"model": _dense(), "variables": mx.init(_dense())(0), "strict": True},
     ),
+    "load_state_dict": (
+        mx.interop.torch.load_state_dict,
+        lambda: {
+            "model": _dense(),
+            "state_dict": {"weight": np.ones((4, 3), np.float32), "bias": np.zeros(4, np.float32)},
+            "strict": True,
+            "variables": None,
+        },
+    ),
     "PRNGKeys": (mx.PRNGKeys, lambda: {"default": jax.random.key(0)}),
     "capture": (mx.capture, lambda: {"apply_fn": mx.apply(_Twice()), "sown": "*"}),
     "stack": (mx.stack, lambda: {"model": _stacked(), "variables": _unrolled_variables()}),
@@ -153,6 +167,19 @@ def _parameters(fn: Callable[..., Any]) -> list[str]:
     return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
 
 
+def _flags(fn: Callable[..., Any]) -> set[str]:
+    """The arguments annotated ``bool``: given anything but a bool, the call must raise (a
+    truthy ``"no"`` taken for True is the silent mistake that bool_argument exists for)."""
+    parameters = inspect.signature(fn).parameters.values()
+    return {p.name for p in parameters if p.annotation in (bool, "bool")}
+
+
+def _refuses(fn: Callable[..., Any], kwargs: dict[str, Any], names: list[str]) -> list[str]:
+    """The flags among ``names`` that got a value that is no bool."""
+    flags = _flags(fn)
+    return [n for n in names if n in flags and not isinstance(kwargs[n], (bool, np.bool_))]
+
+
 def _check_result(result: Any) -> None:
     """What was accepted must also transform and initialize (abstractly: no arrays made)."""
     if isinstance(result, mx.Variable):
@@ -164,13 +191,14 @@ def _check_result(result: Any) -> None:
         jax.eval_shape(init_fn, jax.random.key(0))
 
 
-def _ours_or_nothing(call: Callable[[], Any], what: str) -> None:
+def _ours_or_nothing(call: Callable[[], Any], what: str, refused: Any = ()) -> None:
     try:
         _check_result(call())
     except errors.MetoryxError:
-        pass
+        return
     except Exception as e:  # noqa: BLE001 (the point: any other exception is a bug)
         raise AssertionError(f"{what} raised a raw {type(e).__name__}: {e}") from e
+    assert not refused, f"{what} took a flag that is no bool: {list(refused)}"
 
 
 @pytest.mark.parametrize("name", CONSTRUCTORS)
@@ -189,7 +217,7 @@ def test_bad_arguments_get_our_error_or_work(name, data):
     )
     for argument in names:
         kwargs[argument] = data.draw(BAD, label=argument)
-    _ours_or_nothing(lambda: fn(**kwargs), f"{name}({kwargs})")
+    _ours_or_nothing(lambda: fn(**kwargs), f"{name}({kwargs})", _refuses(fn, kwargs, names))
 
 
 @pytest.mark.parametrize("name", VARIADIC)
@@ -211,3 +239,145 @@ def test_bad_parts_get_our_error_or_work(name, data):
 def test_the_valid_arguments_work(name):
     fn, valid = CONSTRUCTORS[name]
     _check_result(fn(**valid()))
+
+
+# Public functions that take configuration besides their data. The data (``x``, ``query``,
+# ``key``, ``value``, ``positions``, the operands of cond/switch) stays valid; each example
+# replaces one or two of the other arguments by bad values.
+X = jnp.linspace(-1.0, 1.0, 32).reshape(1, 4, 4, 2)
+Q = jnp.linspace(-1.0, 1.0, 48).reshape(2, 3, 2, 4)  # (batch, T, heads, head_dim)
+KV = jnp.linspace(-1.0, 1.0, 80).reshape(2, 5, 2, 4)  # (batch, S, kv_heads, head_dim)
+DATA = {"x", "query", "key", "value", "positions"}
+
+
+def _window(**extra: Any) -> Callable[[], dict[str, Any]]:
+    return lambda: {"x": X, "kernel_size": (2, 2), "strides": None, "padding": "VALID", **extra}
+
+
+def _cond(pred: Any, true_fn: Any, false_fn: Any) -> Any:
+    return mx.cond(pred, true_fn, false_fn, X)
+
+
+def _switch(index: Any, branches: Any) -> Any:
+    return mx.switch(index, branches, X)
+
+
+FUNCTIONS: dict[str, tuple[Callable[..., Any], Callable[[], dict[str, Any]]]] = {
+    "max_pool": (mx.max_pool, _window()),
+    "min_pool": (mx.min_pool, _window()),
+    "avg_pool": (mx.avg_pool, _window(count_include_pad=True)),
+    "adaptive_avg_pool": (mx.adaptive_avg_pool, lambda: {"x": X, "output_size": (2, 3)}),
+    "global_avg_pool": (
+        mx.global_avg_pool,
+        lambda: {"x": X, "num_spatial_axes": 2, "keepdims": False},
+    ),
+    "dropout": (
+        mx.dropout,
+        lambda: {"x": X, "rate": 0.5, "is_training": True, "rng": jax.random.key(0)},
+    ),
+    "sinusoidal_embedding": (
+        mx.sinusoidal_embedding,
+        lambda: {
+            "positions": jnp.arange(3),
+            "features": 4,
+            "max_timescale": 100.0,
+            "dtype": jnp.float32,
+        },
+    ),
+    "rotary_frequencies": (mx.rotary_frequencies, lambda: {"head_dim": 8, "max_timescale": 1e4}),
+    "apply_rotary": (
+        mx.apply_rotary,
+        lambda: {"x": Q, "positions": jnp.arange(3), "max_timescale": 1e4},
+    ),
+    "dot_product_attention": (
+        mx.dot_product_attention,
+        lambda: {
+            "query": Q,
+            "key": KV,
+            "value": KV,
+            "mask": jnp.ones((3, 5), bool),
+            "bias": jnp.zeros((2, 3, 5)),
+            "is_causal": True,
+            "causal_offset": 2,
+            "scale": 0.5,
+            "dropout_rate": 0.25,
+            "rng": jax.random.key(0),
+            "dtype": jnp.float32,
+        },
+    ),
+    "leaky_relu": (mx.leaky_relu, lambda: {"x": X, "negative_slope": 0.1}),
+    "celu": (mx.celu, lambda: {"x": X, "alpha": 0.5}),
+    "elu": (mx.elu, lambda: {"x": X, "alpha": 0.5}),
+    "glu": (mx.glu, lambda: {"x": X, "axis": -1}),
+    "softmax": (mx.softmax, lambda: {"x": X, "axis": -1}),
+    "log_softmax": (mx.log_softmax, lambda: {"x": X, "axis": -1}),
+    "gelu": (mx.gelu, lambda: {"x": X, "approximate": False}),
+    "cond": (_cond, lambda: {"pred": True, "true_fn": jnp.sin, "false_fn": jnp.cos}),
+    "switch": (_switch, lambda: {"index": 1, "branches": [jnp.sin, jnp.cos, jnp.tanh]}),
+}
+
+
+# The arguments of cond/switch that hold the caller's functions.
+BRANCHES = {"true_fn", "false_fn", "branches"}
+
+
+def _fails_on_its_own(value: Any) -> bool:
+    """Whether a callable (or one in a list of them) raises when called on the operands by
+    itself, outside metoryx: ``object`` and ``bytes`` among the bad values do."""
+    for fn in value if isinstance(value, (list, tuple)) else [value]:
+        if callable(fn):
+            try:
+                fn(X)
+            except Exception:  # noqa: BLE001 (whatever the caller's function raises)
+                return True
+    return False
+
+
+class _Calls(mx.Module):
+    """Runs a function of no arguments as its method, inside ``apply_fn``."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_bad_function_arguments_get_our_error_or_an_array(name, data):
+    fn, valid = FUNCTIONS[name]
+    kwargs = valid()
+    names = data.draw(
+        st.lists(st.sampled_from(sorted(set(kwargs) - DATA)), min_size=1, max_size=2, unique=True),
+        label="arguments",
+    )
+    for argument in names:
+        kwargs[argument] = data.draw(BAD, label=argument)
+    if any(_fails_on_its_own(kwargs[n]) for n in names if n in BRANCHES):
+        return  # the caller's own function raises: its error propagates, as from model code
+    if data.draw(st.booleans(), label="inside apply_fn"):
+        apply_fn = mx.apply(_Calls(lambda: fn(**kwargs)))
+        call = lambda: apply_fn({}, jax.random.key(1))[0]  # noqa: E731
+    else:
+        call = lambda: fn(**kwargs)  # noqa: E731
+    what = f"{name}({kwargs})"
+    try:
+        result = call()
+    except errors.MetoryxError:
+        return
+    except Exception as e:  # noqa: BLE001 (the point: any other exception is a bug)
+        raise AssertionError(f"{what} raised a raw {type(e).__name__}: {e}") from e
+    assert not _refuses(fn, kwargs, names), f"{what} took a flag that is no bool"
+    assert isinstance(result, jax.Array), f"{what} returned {type(result).__name__}"
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_the_valid_function_arguments_work(name):
+    fn, valid = FUNCTIONS[name]
+    assert isinstance(fn(**valid()), jax.Array)
