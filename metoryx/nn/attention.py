@@ -142,7 +142,13 @@ def dot_product_attention(
         )
     if rng is not None:
         rng = key_argument(lambda: function_label(_NAME), "rng", rng, _RNG_FIX)
-    dtype = compute_dtype(layer_dtype(_NAME, dtype), query, key, value)
+    given = layer_dtype(_NAME, dtype)
+    if given is not None and not jnp.issubdtype(given, jnp.floating):
+        raise errors.LayerConfigError(
+            f"{_NAME}: `dtype` is the dtype it computes in and must be None (that of the "
+            f"inputs) or a floating dtype, got {dtype!r:.60}. Pass e.g. dtype=jnp.bfloat16."
+        )
+    dtype = compute_dtype(given, query, key, value)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise errors.InputDtypeError(
             f"{function_label(_NAME)}: expected a floating query, key and value, got "
@@ -259,14 +265,16 @@ def _as_array(name: str, value: Any) -> jax.Array:
     """A mask, bias or offset as a JAX array; one that JAX cannot hold is an InputDtypeError."""
     if isinstance(value, jax.Array):
         return value
-    try:
-        return jnp.asarray(value)
-    except (TypeError, ValueError, OverflowError):  # strings, objects, ragged lists, huge ints
-        raise errors.InputDtypeError(
-            f"{function_label(_NAME)}: `{name}` must be an array (or a number), got "
-            f"{type(value).__name__} {value!r:.60}. Pass a boolean mask as `mask`, a floating "
-            f"bias as `bias` and an int (or a 0-d integer array) as `causal_offset`."
-        ) from None
+    if not isinstance(value, (str, bytes)):  # JAX parses some strings: "D" as a complex dtype
+        try:
+            return jnp.asarray(value)
+        except (TypeError, ValueError, OverflowError):  # objects, ragged lists, huge ints
+            pass
+    raise errors.InputDtypeError(
+        f"{function_label(_NAME)}: `{name}` must be an array (or a number), got "
+        f"{type(value).__name__} {value!r:.60}. Pass a boolean mask as `mask`, a floating "
+        f"bias as `bias` and an int (or a 0-d integer array) as `causal_offset`."
+    )
 
 
 def _check_offset(offset: Any, is_causal: bool, t: int, s: int) -> jax.Array | int | None:

@@ -642,6 +642,7 @@ _Q, _K = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 5, 2, 8))
          ["dot_product_attention", "dropout_rate", "1.5"]),
         # Found by tests/test_bad_arguments.py: these reached JAX or NumPy unchecked.
         ((_Q, _K, _K, "x"), {}, mx.errors.InputDtypeError, ["`mask` must be an array", "'x'"]),
+        ((_Q, _K, _K, None, "D"), {}, mx.errors.InputDtypeError, ["`bias` must be an array"]),
         ((_Q, _K, _K, None, [None]), {}, mx.errors.InputDtypeError, ["`bias` must be an array"]),
         ((_Q, _K, _K, None, 2**70), {}, mx.errors.InputDtypeError, ["`bias`", "11805916"]),
         ((_Q, _K, _K, None, None, True), {"causal_offset": "2"}, mx.errors.InputDtypeError,
@@ -651,6 +652,7 @@ _Q, _K = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 5, 2, 8))
         ((_Q, _K, _K), {"scale": "0.5"}, mx.errors.LayerConfigError, ["`scale`", "'0.5'"]),
         ((_Q, _K, _K), {"scale": [1.0, 2.0]}, mx.errors.LayerConfigError, ["`scale`", "None"]),
         ((_Q, _K, _K), {"dtype": "zeros"}, mx.errors.LayerConfigError, ["`dtype`", "'zeros'"]),
+        ((_Q, _K, _K), {"dtype": jnp.int32}, mx.errors.LayerConfigError, ["a floating dtype"]),
         ((_Q, _K, _K), {"dropout_rate": 0.5, "rng": 0}, mx.errors.RngsTypeError,
          ["`rng` must be one random key", "got int 0", "rng=None"]),
         ((_Q, _K, _K), {"rng": jax.random.split(jax.random.key(0))}, mx.errors.RngsTypeError,
