@@ -7,7 +7,8 @@ parts with ``/``. Paths are the storage format of checkpoints, so they stay read
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 from metoryx import errors
@@ -80,3 +81,90 @@ def unflatten_variables(flat: Mapping[Path, Any]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return nested
+
+
+#: The characters that make a path-pattern part a wildcard rather than a literal name.
+_WILDCARDS = frozenset("*?[")
+
+
+def glob_problem(pattern: Any) -> str | None:
+    """Why ``pattern`` is not a path glob (see :func:`glob_matcher`), else None."""
+    if not isinstance(pattern, str):
+        return f"a path glob is a str, got {type(pattern).__name__} {pattern!r:.40}"
+    if not pattern or pattern.startswith("/") or pattern.endswith("/") or "//" in pattern:
+        return (
+            f"{pattern!r} has an empty part; write the parts joined by single '/' such as "
+            f"'params/encoder/**/kernel'"
+        )
+    for part in pattern.split("/"):
+        if "**" in part and part != "**":
+            return f"{pattern!r}: '**' spans whole levels and must be a part of its own ('a/**/b')"
+        if part.count("[") != part.count("]"):
+            return f"{pattern!r}: the part {part!r} opens a '[...]' class it does not close"
+    return None
+
+
+def glob_matcher(pattern: str, prefix: bool = False) -> Callable[[Path], bool]:
+    """A predicate telling whether a path matches the glob ``pattern``.
+
+    The pattern's parts are joined by ``/`` as paths are (``"params/encoder/**/kernel"``).
+    Each part matches one level with ``fnmatch`` rules (``*``, ``?``, ``[abc]``, case
+    sensitive), and a part ``**`` matches any number of levels, none included. With
+    ``prefix=True`` a pattern that matches the start of a path matches the path too, so that
+    ``"params/encoder"`` selects everything under that module. The caller checks the pattern
+    with :func:`glob_problem` first.
+
+    Example:
+        >>> from metoryx._core.paths import glob_matcher
+        >>> match = glob_matcher("params/**/kernel")
+        >>> match(("params", "kernel")), match(("params", "a", "b", "kernel"))
+        (True, True)
+        >>> glob_matcher("params/enc*", prefix=True)(("params", "encoder", "fc", "bias"))
+        True
+    """
+    parts = tuple(pattern.split("/"))
+    literal = all(p != "**" and not (_WILDCARDS & set(p)) for p in parts)
+    if literal:  # the common case: a plain path, compared as tuples
+        if prefix:
+            return lambda path: path[: len(parts)] == parts
+        return lambda path: path == parts
+    regex = re.compile(_glob_regex(parts) + ("(?:/.*)?" if prefix else "") + r"\Z", re.DOTALL)
+    return lambda path: regex.match("/".join(path)) is not None
+
+
+def _glob_regex(parts: tuple[str, ...]) -> str:
+    pieces: list[str] = []
+    end = len(parts) - 1
+    for i, part in enumerate(parts):
+        if part == "**" and i < end:  # zero or more whole levels, each with its '/'
+            pieces.append("(?:[^/]+/)*")
+        elif part == "**":  # at the end: zero or more levels after the '/' of the one before
+            pieces.append("(?:/[^/]+)*" if i else "(?:[^/]+(?:/[^/]+)*)?")
+        else:
+            pieces.append(_part_regex(part))
+            if i < end and not (i + 1 == end and parts[end] == "**"):
+                pieces.append("/")
+    return "".join(pieces)
+
+
+def _part_regex(part: str) -> str:
+    """One level's fnmatch pattern as a regex that never crosses a ``/``."""
+    out: list[str] = []
+    i = 0
+    while i < len(part):
+        char = part[i]
+        if char == "*":
+            out.append("[^/]*")
+        elif char == "?":
+            out.append("[^/]")
+        elif char == "[":
+            end = part.index("]", i + 2 if part[i + 1 : i + 2] in ("!", "]") else i + 1)
+            body = part[i + 1 : end]
+            negate = body.startswith("!")
+            body = re.escape(body[1:] if negate else body).replace(r"\-", "-")
+            out.append(f"[{'^/' if negate else ''}{body}]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
