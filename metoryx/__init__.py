@@ -12,19 +12,22 @@ Example:
     (1, 2)
 """
 
-from metoryx import errors, initializers, interop, layout, lift, nn
+from metoryx import errors, filters, initializers, interop, layout, lift, nn
 from metoryx._core.assign import assign_variables
+from metoryx._core.info import VariableInfo, variable_info
 from metoryx._core.module import Module
 from metoryx._core.override import overridden
 from metoryx._core.rng import PRNGKeys, next_rng_key
 from metoryx._core.transform import Transformed, apply, init, transform
 from metoryx._core.variables import Parameter, State, Variable
+from metoryx.filters import combine, filter, optax_labels, partition
 from metoryx.intermediates import capture, sow
 from metoryx.lift.branch import cond, switch
 from metoryx.lift.checkpoint import checkpoint
 from metoryx.lift.scan import Repeat, scan
 from metoryx.lift.stacking import stack, unstack
 from metoryx.lift.vmap import vmap
+from metoryx.nn._compute import layer_training
 from metoryx.nn.activations import (
     PReLU,
     celu,
@@ -50,6 +53,7 @@ from metoryx.nn.containers import MLP, Flatten, Identity, Lambda, Sequential
 from metoryx.nn.conv import Conv, ConvTranspose
 from metoryx.nn.dropout import Dropout, dropout
 from metoryx.nn.linear import Dense, Einsum, Embed
+from metoryx.nn.mode import set_training
 from metoryx.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from metoryx.nn.pooling import adaptive_avg_pool, avg_pool, global_avg_pool, max_pool, min_pool
 from metoryx.nn.positional import apply_rotary, rotary_frequencies, sinusoidal_embedding
@@ -62,6 +66,7 @@ from metoryx.nn.recurrent import (
     StackedRNN,
 )
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
+from metoryx.tagging import freeze, tag, unfreeze, untag
 
 __version__ = "0.1.0"
 
@@ -99,6 +104,7 @@ __all__ = [
     "State",
     "Transformed",
     "Variable",
+    "VariableInfo",
     "WeightNorm",
     "adaptive_avg_pool",
     "apply",
@@ -108,11 +114,15 @@ __all__ = [
     "capture",
     "celu",
     "checkpoint",
+    "combine",
     "cond",
     "dot_product_attention",
     "dropout",
     "elu",
     "errors",
+    "filter",
+    "filters",
+    "freeze",
     "gelu",
     "global_avg_pool",
     "glu",
@@ -120,6 +130,7 @@ __all__ = [
     "init",
     "initializers",
     "interop",
+    "layer_training",
     "layout",
     "leaky_relu",
     "lift",
@@ -129,12 +140,15 @@ __all__ = [
     "min_pool",
     "next_rng_key",
     "nn",
+    "optax_labels",
     "overridden",
+    "partition",
     "relu",
     "relu6",
     "rotary_frequencies",
     "scan",
     "selu",
+    "set_training",
     "sigmoid",
     "silu",
     "sinusoidal_embedding",
@@ -144,8 +158,12 @@ __all__ = [
     "stack",
     "swish",
     "switch",
+    "tag",
     "tanh",
     "transform",
+    "unfreeze",
     "unstack",
+    "untag",
+    "variable_info",
     "vmap",
 ]

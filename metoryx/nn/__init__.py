@@ -11,6 +11,7 @@ Example:
     True
 """
 
+from metoryx.nn._compute import layer_training
 from metoryx.nn.activations import (
     PReLU,
     celu,
@@ -36,6 +37,7 @@ from metoryx.nn.containers import MLP, Flatten, Identity, Lambda, Sequential
 from metoryx.nn.conv import Conv, ConvTranspose
 from metoryx.nn.dropout import Dropout, dropout
 from metoryx.nn.linear import Dense, Einsum, Embed
+from metoryx.nn.mode import set_training
 from metoryx.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from metoryx.nn.pooling import adaptive_avg_pool, avg_pool, global_avg_pool, max_pool, min_pool
 from metoryx.nn.positional import apply_rotary, rotary_frequencies, sinusoidal_embedding
@@ -88,6 +90,7 @@ __all__ = [
     "global_avg_pool",
     "glu",
     "hard_tanh",
+    "layer_training",
     "leaky_relu",
     "log_sigmoid",
     "log_softmax",
@@ -97,6 +100,7 @@ __all__ = [
     "relu6",
     "rotary_frequencies",
     "selu",
+    "set_training",
     "sigmoid",
     "silu",
     "sinusoidal_embedding",

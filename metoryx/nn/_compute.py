@@ -1,5 +1,5 @@
-"""What layers share: the dtype rules, the bias add that traces like hand-written code, and the
-default kernel initializer."""
+"""What layers share: the dtype rules, the training flag and the per-layer training switch, the
+bias add that traces like hand-written code, and the default kernel initializer."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from jax.core import Tracer
 
 from metoryx import errors, initializers
+from metoryx._core.module import Module, module_label
 from metoryx._core.variables import numeric_dtype
 
 #: The default kernel initializer of Dense, Conv, ConvTranspose and MLP: LeCun normal.
@@ -70,6 +71,91 @@ def training_flag(is_training: Any, label: Callable[[], str], name: str = "is_tr
         f"{label()}: `{name}` must be a bool (True in training, False in evaluation), got "
         f"{type(is_training).__name__} {is_training!r:.40}. Pass {name}=True or False."
     )
+
+
+#: The ``Attributes:`` entry of every layer with a training switch (``fill_docstring``).
+TRAINING_DOC = """
+training: the layer's own mode, a plain attribute to set before ``mx.transform``: None (the
+    default) follows the call's ``is_training``, False always evaluates (as PyTorch's
+    ``layer.eval()``), True always trains. :func:`~metoryx.set_training` sets it on every layer
+    of a part of a model; ``print(model)`` shows it when it is not None.
+"""
+
+
+def layer_training(layer: Module, is_training: Any) -> bool:
+    """Whether ``layer`` runs its training code in this call: its own ``training`` switch when
+    that is set, else the call's ``is_training``.
+
+    Every layer that behaves differently in training (:class:`~metoryx.BatchNorm`,
+    :class:`~metoryx.Dropout`, :class:`~metoryx.MultiHeadAttention`, :class:`~metoryx.MLP`,
+    :class:`~metoryx.StackedRNN`, :class:`~metoryx.SpectralNorm`) decides with this. Its class
+    declares ``training: bool | None = None``: None follows the call, False always evaluates (a
+    frozen backbone's BatchNorm), True always trains; :func:`~metoryx.set_training` sets it on a
+    whole sub-tree. The switch is a Python bool fixed before ``mx.transform``, read once when
+    the layer is traced: a compiled call pays nothing for it.
+
+    A layer of your own opts in the same way: declare the class attribute and decide with this
+    function in ``__call__``, as in the example.
+
+    Args:
+        layer: the layer deciding (``self``); its class declares ``training``.
+        is_training: the call's flag, a Python bool. It is checked even where the switch
+            decides, so that a traced flag is reported alike by every layer.
+
+    Returns:
+        True to run the training code, False to run the evaluation code.
+
+    Raises:
+        StaticArgumentError: if ``is_training`` is traced or not a bool.
+        LayerConfigError: if the layer's ``training`` is not None, True or False, or its
+            class declares no ``training`` (so :func:`~metoryx.set_training` would miss it).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, metoryx as mx
+        >>> class Noise(mx.Module):
+        ...     training: bool | None = None  # the switch: mx.set_training finds it
+        ...     def __call__(self, x, is_training):
+        ...         if mx.layer_training(self, is_training):
+        ...             return x + jax.random.normal(mx.next_rng_key("noise"), x.shape)
+        ...         return x
+        >>> _, apply_fn = mx.transform(mx.set_training(Noise(), False))
+        >>> apply_fn({}, None, jnp.zeros(2), is_training=True)[0]  # evaluates: no noise
+        Array([0., 0.], dtype=float32)
+    """
+    called = training_flag(is_training, lambda: module_label(layer))
+    if not hasattr(type(layer), "training"):
+        raise errors.LayerConfigError(
+            f"{module_label(layer)}: calls mx.layer_training, but its class declares no "
+            f"training switch, so mx.set_training would pass it by. Add the class attribute "
+            f"`training: bool | None = None` to {type(layer).__name__}."
+        )
+    switch = layer.training
+    if switch is None:
+        return called
+    if switch is True or switch is False:
+        return switch
+    raise errors.LayerConfigError(
+        f"{module_label(layer)}: {bad_training_switch(switch)} Set it with "
+        f"mx.set_training(layer, False), or assign True, False or None to `training`."
+    )
+
+
+def bad_training_switch(value: Any) -> str:
+    """What is wrong with ``value`` as a layer's ``training`` switch, for an error message."""
+    return (
+        f"`training` is the layer's own mode and must be None (follow the call's is_training), "
+        f"True (always train) or False (always evaluate, e.g. a frozen backbone's BatchNorm), "
+        f"got {type(value).__name__} {value!r:.40}."
+    )
+
+
+def mode_repr(layer: Module, config: str) -> str:
+    """``config`` (a layer's ``extra_repr``) with ``training=...`` added when the layer's
+    switch is set, so that ``print(model)`` shows which layers do not follow the call."""
+    if layer.training is None:
+        return config
+    mode = f"training={layer.training!r}"
+    return f"{config}, {mode}" if config else mode
 
 
 def at_least_float32(dtype: Any) -> jnp.dtype:

@@ -32,15 +32,18 @@ from metoryx._core.arguments import bool_argument
 from metoryx._core.module import Module, function_label, module_label
 from metoryx._core.rng import key_argument
 from metoryx._core.variables import State
+from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, metoryx_only, same, transposed
 from metoryx.nn._arguments import check_number, check_rate, check_timescale, positive_int
 from metoryx.nn._compute import (
     DEFAULT_KERNEL_INIT,
+    TRAINING_DOC,
     cast,
     compute_dtype,
     layer_dtype,
-    training_flag,
+    layer_training,
+    mode_repr,
 )
 from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
@@ -425,6 +428,7 @@ class RotaryEmbedding(Module):
         return jnp.concatenate([rotated, cast(x[..., dim:], rotated.dtype)], axis=-1)
 
 
+@fill_docstring(training_attribute=TRAINING_DOC)
 class MultiHeadAttention(Module):
     """Multi-head attention with masks, causal attention, grouped-query attention, rotary
     embeddings and a key/value cache, as ``torch.nn.MultiheadAttention(batch_first=True)``.
@@ -489,6 +493,7 @@ class MultiHeadAttention(Module):
     Attributes:
         query: the ``Dense`` projection of the queries (likewise ``key``, ``value``, ``out``).
         head_dim: the features per head, ``qkv_size // num_heads``.
+        {training_attribute}
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -502,6 +507,8 @@ class MultiHeadAttention(Module):
         >>> y.shape
         (2, 6, 32)
     """
+
+    training: bool | None = None
 
     def __init__(
         self,
@@ -585,7 +592,7 @@ class MultiHeadAttention(Module):
         if self.cached_key is not None:
             *batch, length, _, _ = self.cached_key.shape
             parts.append(f"cache=(batch_shape={tuple(batch)}, max_length={length})")
-        return ", ".join(parts)
+        return mode_repr(self, ", ".join(parts))
 
     def init_cache(
         self, batch_shape: int | Sequence[int], max_length: int, dtype: Any = None
@@ -707,7 +714,8 @@ class MultiHeadAttention(Module):
                 ``0, ..., S - 1``.
             decode: whether to write the keys and values into the cache at ``cache_index``
                 and attend over the cache (see the class docstring).
-            is_training: whether to apply attention dropout (when ``dropout_rate > 0``).
+            is_training: whether to apply attention dropout (when ``dropout_rate > 0``). A
+                ``training`` switch that is set decides instead.
 
         Returns:
             The output, ``(*batch, T, out_size)`` in the computation dtype.
@@ -759,9 +767,7 @@ class MultiHeadAttention(Module):
             bias,
             is_causal,
             causal_offset=index,
-            dropout_rate=(
-                self.dropout_rate if training_flag(is_training, lambda: module_label(self)) else 0.0
-            ),
+            dropout_rate=self.dropout_rate if layer_training(self, is_training) else 0.0,
             dtype=self.dtype,
         )
         if overflow is not None:

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
+from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, torch_conversions
 from metoryx.nn._arguments import check_function, check_rate, positive_int
-from metoryx.nn._compute import DEFAULT_KERNEL_INIT
+from metoryx.nn._compute import DEFAULT_KERNEL_INIT, TRAINING_DOC, layer_training, mode_repr
 from metoryx.nn.activations import relu
 from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
@@ -185,6 +186,7 @@ class Sequential(Module):
         self.layers = _checked_layers(layers)
 
 
+@fill_docstring(training_attribute=TRAINING_DOC)
 class MLP(Module):
     """A multilayer perceptron: Dense layers with an activation (and dropout) between them.
 
@@ -219,6 +221,7 @@ class MLP(Module):
     Attributes:
         layers: the list of ``Dense`` layers, first to last.
         activation: the activation between them (a module with variables is shared).
+        {training_attribute}
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -232,6 +235,8 @@ class MLP(Module):
         >>> y.shape
         (8, 2)
     """
+
+    training: bool | None = None
 
     def __init__(
         self,
@@ -276,9 +281,10 @@ class MLP(Module):
 
     def extra_repr(self) -> str:
         name = getattr(self.activation, "__name__", type(self.activation).__name__)
-        return (
+        return mode_repr(
+            self,
             f"in_size={self.in_size}, hidden_sizes={self.hidden_sizes}, "
-            f"out_size={self.out_size}, activation={name}, dropout_rate={self.dropout_rate}"
+            f"out_size={self.out_size}, activation={name}, dropout_rate={self.dropout_rate}",
         )
 
     def __call__(self, x: jax.Array, is_training: bool = False) -> jax.Array:
@@ -286,7 +292,8 @@ class MLP(Module):
 
         Args:
             x: input of shape ``(*batch, in_size)``, any number of leading batch axes.
-            is_training: whether to apply dropout (when ``dropout_rate > 0``).
+            is_training: whether to apply dropout (when ``dropout_rate > 0``). A ``training``
+                switch that is set decides instead.
 
         Returns:
             The output, of shape ``(*batch, out_size)``.
@@ -296,8 +303,9 @@ class MLP(Module):
             MissingRngError: in training with ``dropout_rate > 0`` and no key in ``apply_fn``.
         """
         *hidden, last = self.layers
+        training = layer_training(self, is_training)
         for layer in hidden:
-            x = dropout(self.activation(layer(x)), self.dropout_rate, is_training)
+            x = dropout(self.activation(layer(x)), self.dropout_rate, training)
         return last(x)
 
 

@@ -9,8 +9,9 @@ from jax import lax
 
 from metoryx._core.module import Module, function_label
 from metoryx._core.rng import key_argument, next_rng_key
+from metoryx._docstrings import fill_docstring
 from metoryx.nn._arguments import check_rate
-from metoryx.nn._compute import training_flag
+from metoryx.nn._compute import TRAINING_DOC, layer_training, mode_repr, training_flag
 
 _RNG_FIX = "Or pass rng=None to draw one from the 'dropout' stream of apply_fn's rngs."
 
@@ -67,6 +68,7 @@ def dropout(
     return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
+@fill_docstring(training_attribute=TRAINING_DOC)
 class Dropout(Module):
     """The :func:`~metoryx.dropout` function as a layer, with its rate fixed at construction.
 
@@ -82,6 +84,9 @@ class Dropout(Module):
     Raises:
         LayerConfigError: if ``rate`` is not a number in ``[0, 1]``.
 
+    Attributes:
+        {training_attribute}
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> _, apply_fn = mx.transform(mx.Dropout(0.5))
@@ -93,19 +98,22 @@ class Dropout(Module):
         True
     """
 
+    training: bool | None = None
+
     def __init__(self, rate: float):
         super().__init__()
         self.rate = check_rate("Dropout", "rate", rate)
 
     def extra_repr(self) -> str:
-        return f"rate={self.rate}"
+        return mode_repr(self, f"rate={self.rate}")
 
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
         """Applies dropout.
 
         Args:
             x: the input, of any shape; a floating dtype.
-            is_training: whether to drop; False returns ``x``.
+            is_training: whether to drop; False returns ``x``. A ``training`` switch that
+                is set decides instead.
 
         Returns:
             An array of the shape and dtype of ``x``.
@@ -113,4 +121,4 @@ class Dropout(Module):
         Raises:
             MissingRngError: in training with ``0 < rate`` and no key in ``apply_fn``.
         """
-        return dropout(x, self.rate, is_training)
+        return dropout(x, self.rate, layer_training(self, is_training))

@@ -21,11 +21,13 @@ from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, same, torch_only
 from metoryx.nn._arguments import check_divisor, check_epsilon, check_number, positive_int
 from metoryx.nn._compute import (
+    TRAINING_DOC,
     at_least_float32,
     cast,
     compute_dtype,
     layer_dtype,
-    training_flag,
+    layer_training,
+    mode_repr,
 )
 
 # The arguments LayerNorm, GroupNorm and InstanceNorm document alike (see fill_docstring).
@@ -96,12 +98,16 @@ class _AffineNorm(_Normalization):
         self._add_scale_and_bias(use_scale, use_bias, scale_init, bias_init, param_dtype)
 
 
+@fill_docstring(training_attribute=TRAINING_DOC)
 class BatchNorm(_Normalization):
     """Batch normalization over the last axis (features), statistics over all other axes.
 
     In training (``is_training=True``) the input is normalized with the statistics of the
     batch, ``(x - mean) / sqrt(var + epsilon) * scale + bias``, and the running statistics are
     updated; in evaluation it is normalized with the running statistics and nothing changes.
+    ``bn.training = False`` (or :func:`~metoryx.set_training`) keeps the layer in evaluation
+    in every call, as PyTorch's ``bn.eval()``: the way to fine-tune with a frozen backbone,
+    whose statistics then stay bit-identical while the rest of the model trains.
 
     ``momentum`` follows Flax: ``running = momentum * running + (1 - momentum) * batch``, so
     PyTorch's ``momentum`` is ``1 - momentum`` here (PyTorch's default 0.1 is our 0.9). As in
@@ -136,6 +142,9 @@ class BatchNorm(_Normalization):
         LayerConfigError: if ``size`` is not a positive int, ``epsilon`` is negative or
             ``momentum`` is outside ``[0, 1]``.
 
+    Attributes:
+        {training_attribute}
+
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
         >>> bn = mx.BatchNorm(3, momentum=0.9)
@@ -150,7 +159,14 @@ class BatchNorm(_Normalization):
         >>> variables["batch_stats"]["mean"].round(4)  # 0.9 * 0 + 0.1 * [4.5, 5.5, 6.5]
         Array([0.45, 0.55, 0.65], dtype=float32)
         >>> y, _ = apply_fn(variables, None, x, is_training=False)
+        >>> bn.training = False  # evaluation in every call, e.g. in a frozen backbone
+        >>> _, apply_fn = mx.transform(bn)
+        >>> _, new_variables = apply_fn(variables, None, x, is_training=True)
+        >>> new_variables["batch_stats"]["mean"].round(4)  # unchanged
+        Array([0.45, 0.55, 0.65], dtype=float32)
     """
+
+    training: bool | None = None
 
     def __init__(
         self,
@@ -186,7 +202,7 @@ class BatchNorm(_Normalization):
         config = f"size={self.size}, momentum={self.momentum}, epsilon={self.epsilon}"
         if self.axis_name is not None:
             config += f", axis_name={self.axis_name!r}"
-        return config
+        return mode_repr(self, config)
 
     def torch_conversions(self) -> list[TorchConversion]:
         """``torch.nn.BatchNormNd``: ``weight`` is the scale, ``running_mean``/``running_var``
@@ -205,7 +221,8 @@ class BatchNorm(_Normalization):
         Args:
             x: input of shape ``(..., size)``.
             is_training: True to normalize with the batch statistics and update the running
-                ones, False to normalize with the running statistics.
+                ones, False to normalize with the running statistics. A ``training`` switch
+                that is set decides instead.
 
         Returns:
             The normalized input, of the shape of ``x`` and the computation dtype.
@@ -229,7 +246,7 @@ class BatchNorm(_Normalization):
         # Per-feature vectors take the rank of x (size-1 axes) to broadcast under
         # jax_numpy_rank_promotion="raise".
         feature_shape = (1,) * (len(shape) - 1) + (self.size,)
-        if training_flag(is_training, lambda: module_label(self)):
+        if layer_training(self, is_training):
             centered, var = self._center_with_batch_statistics(x_stats, shape)
         else:
             mean = cast(self.mean, stats_dtype).reshape(feature_shape)

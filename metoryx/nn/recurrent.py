@@ -42,10 +42,13 @@ from metoryx.layout import TorchConversion, same, torch_conversions, transposed
 from metoryx.nn._arguments import check_function, check_rate, positive_int
 from metoryx.nn._compute import (
     DEFAULT_KERNEL_INIT,
+    TRAINING_DOC,
     add_bias,
     cast,
     compute_dtype,
     layer_dtype,
+    layer_training,
+    mode_repr,
 )
 from metoryx.nn.dropout import dropout
 
@@ -746,6 +749,7 @@ def _describe_rnn(layer: Any) -> str:
     return f"a {type(layer).__name__}"
 
 
+@fill_docstring(training_attribute=TRAINING_DOC)
 class StackedRNN(Module):
     """Recurrent layers applied one after the other, as PyTorch's ``num_layers``.
 
@@ -774,6 +778,7 @@ class StackedRNN(Module):
 
     Attributes:
         layers: the list of recurrent layers, first to last.
+        {training_attribute}
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -789,6 +794,8 @@ class StackedRNN(Module):
         >>> len(carries), y.shape
         (2, (2, 5, 4))
     """
+
+    training: bool | None = None
 
     def __init__(self, *layers: RNN | Bidirectional, dropout_rate: float = 0.0):
         super().__init__()
@@ -813,7 +820,7 @@ class StackedRNN(Module):
         self.dropout_rate = check_rate("StackedRNN", "dropout_rate", dropout_rate)
 
     def extra_repr(self) -> str:
-        return f"dropout_rate={self.dropout_rate}"
+        return mode_repr(self, f"dropout_rate={self.dropout_rate}")
 
     def torch_conversions(self) -> list[TorchConversion]:
         """``torch.nn.RNN``/``LSTM``/``GRU`` with ``num_layers``: layer ``k``'s entries with
@@ -844,7 +851,8 @@ class StackedRNN(Module):
             seq_lengths: integer lengths of shape ``batch`` for padded batches, or None.
             return_carry: whether to return the final carries too.
             is_training: whether to apply dropout between layers (it draws from the
-                ``"dropout"`` stream when ``dropout_rate > 0``).
+                ``"dropout"`` stream when ``dropout_rate > 0``). A ``training`` switch that
+                is set decides instead.
 
         Returns:
             The last layer's outputs; with ``return_carry``, ``(carries, outputs)``, a tuple
@@ -864,10 +872,11 @@ class StackedRNN(Module):
                 f"{len(self.layers)} carries (one per layer, None for zeros), got "
                 f"{jax.tree.map(np.shape, initial_carry)!r}."
             )
+        training = layer_training(self, is_training)
         carries = []
         for i, (layer, carry) in enumerate(zip(self.layers, initial_carry, strict=True)):
             if i:
-                x = dropout(x, self.dropout_rate, is_training=is_training)
+                x = dropout(x, self.dropout_rate, is_training=training)
             carry, x = layer(x, carry, seq_lengths, return_carry=True)
             carries.append(carry)
         return (tuple(carries), x) if return_carry else x

@@ -33,13 +33,21 @@ import numpy as np
 from jax import lax
 
 from metoryx import errors, initializers
-from metoryx._core.module import Module, module_label
+from metoryx._core.module import Module
 from metoryx._core.override import overridden
 from metoryx._core.variables import Parameter, State
+from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
 from metoryx.layout import TorchConversion, torch_conversions
 from metoryx.nn._arguments import check_epsilon, positive_int
-from metoryx.nn._compute import at_least_float32, cast, compute_dtype, training_flag
+from metoryx.nn._compute import (
+    TRAINING_DOC,
+    at_least_float32,
+    cast,
+    compute_dtype,
+    layer_training,
+    mode_repr,
+)
 
 #: The weight a wrapper takes by default, in order of preference, with its output axis.
 _OUTPUT_AXES = {"kernel": -1, "embedding": 0}
@@ -193,6 +201,7 @@ class WeightNorm(Module):
         return [g, weight, *others]
 
 
+@fill_docstring(training_attribute=TRAINING_DOC)
 class SpectralNorm(Module):
     """Spectral normalization: the layer runs on ``W / sigma(W)``, ``sigma`` the largest
     singular value of its weight ``W`` estimated by power iteration (Miyato et al., 2018;
@@ -238,6 +247,7 @@ class SpectralNorm(Module):
             fix a starting weight (``wrapper.layer.kernel.value = w``) through it.
         u: the State holding the left singular vector's estimate.
         v: the State holding the right singular vector's estimate.
+        {training_attribute}
 
     Example:
         >>> import jax, jax.numpy as jnp, metoryx as mx
@@ -255,6 +265,8 @@ class SpectralNorm(Module):
         >>> bool(jnp.allclose(y, x @ (kernel / sigma) + bias.reshape(1, 4)))
         True
     """
+
+    training: bool | None = None
 
     def __init__(
         self,
@@ -286,9 +298,10 @@ class SpectralNorm(Module):
         )
 
     def extra_repr(self) -> str:
-        return (
+        return mode_repr(
+            self,
             f"name={self.name!r}, axis={self.axis}, "
-            f"n_power_iterations={self.n_power_iterations}, epsilon={self.epsilon}"
+            f"n_power_iterations={self.n_power_iterations}, epsilon={self.epsilon}",
         )
 
     def __call__(self, *args: Any, is_training: bool, **kwargs: Any) -> Any:
@@ -297,7 +310,8 @@ class SpectralNorm(Module):
         Args:
             *args: the wrapped layer's arguments.
             is_training: True to run the power iteration and update ``u`` and ``v``, False
-                to use the stored ones. Taken by the wrapper, not passed to the layer.
+                to use the stored ones. Taken by the wrapper, not passed to the layer. A
+                ``training`` switch that is set decides instead.
             **kwargs: the wrapped layer's keyword arguments.
 
         Returns:
@@ -339,7 +353,7 @@ class SpectralNorm(Module):
         w_wide = cast(w, dtype)
         matrix = jnp.moveaxis(w_wide, self.axis, 0).reshape(w.shape[self.axis], -1)
         u, v = lax.stop_gradient(self.u), lax.stop_gradient(self.v)
-        if training_flag(is_training, lambda: module_label(self)):
+        if layer_training(self, is_training):
             frozen = lax.stop_gradient(matrix)
             for _ in range(self.n_power_iterations):
                 u = self._normalize(frozen @ v)
