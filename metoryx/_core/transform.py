@@ -138,6 +138,8 @@ class Snapshot:
                 f"or give their class a __deepcopy__."
             ) from e
         self.root = root
+        self.owners = tree.owners
+        self.info: dict[str, Any] | None = None  # info.variable_info's cache
         self.variables = [
             BoundVariable(path, memo[id(v)], tree.axes.get(path, ())) for path, v in tree.variables
         ]

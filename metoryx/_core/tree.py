@@ -16,12 +16,15 @@ class ModuleTree(NamedTuple):
     """Unique modules (by attribute path) and variables (by collection-first path), in order.
 
     ``axes`` gives the stacked axes of the variables that lifted wrappers (``mx.Repeat``,
-    ``mx.vmap``, ...) copy, by path; the other variables are absent from it.
+    ``mx.vmap``, ...) copy, by path; the other variables are absent from it. ``owners`` gives,
+    by variable path, the path of the module holding it and the types of the modules from the
+    root down to that one.
     """
 
     modules: list[tuple[Path, Module]]
     variables: list[tuple[Path, Variable]]
     axes: dict[Path, tuple[StackAxis, ...]]
+    owners: dict[Path, tuple[Path, tuple[type[Module], ...]]]
 
     def copy_memo(self) -> dict[int, Any]:
         """A ``copy.deepcopy`` memo that keeps immutable leaves of the model by reference.
@@ -67,13 +70,20 @@ def walk(model: Module) -> ModuleTree:
     modules: list[tuple[Path, Module]] = []
     variables: list[tuple[Path, Variable]] = []
     axes: dict[Path, tuple[StackAxis, ...]] = {}
+    owners: dict[Path, tuple[Path, tuple[type[Module], ...]]] = {}
     seen: dict[int, Path] = {}
     # Each object's chain of enclosing lifted wrappers: an object inside one is copied or
     # mapped with it, so it cannot also be used outside (nor inside another).
     chain_of: dict[int, tuple[Path, ...]] = {}
     active: set[int] = set()
 
-    def visit(module: Module, path: Path, lifts: tuple[tuple[Path, Lifted], ...]) -> None:
+    def visit(
+        module: Module,
+        path: Path,
+        lifts: tuple[tuple[Path, Lifted], ...],
+        types: tuple[type[Module], ...],
+    ) -> None:
+        types = (*types, type(module))
         if isinstance(module, Lifted) and module.isolates():
             lifts = (*lifts, (path, module))
         chain = tuple(p for p, _ in lifts)
@@ -99,15 +109,16 @@ def walk(model: Module) -> ModuleTree:
                 seen[id(child)] = child_path
                 chain_of[id(child)] = chain
                 variables.append((full, child))
+                owners[full] = (path, types)
                 stacked = _stack_axes(child, lifts)
                 if stacked:
                     axes[full] = stacked
             else:
-                visit(child, child_path, lifts)
+                visit(child, child_path, lifts, types)
         active.discard(id(module))
 
-    visit(model, (), ())
-    return ModuleTree(modules, variables, axes)
+    visit(model, (), (), ())
+    return ModuleTree(modules, variables, axes, owners)
 
 
 def _stack_axes(var: Variable, lifts: tuple[tuple[Path, Lifted], ...]) -> tuple[StackAxis, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import operator
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import jax
 import jax.numpy as jnp
@@ -108,13 +108,19 @@ class Variable(_ArrayInModuleCode):
         shape: the array's shape.
         dtype: the storage dtype of the array.
         mutable: whether module code may assign a new value inside ``apply_fn``.
-        **metadata: free annotations (tags, sharding axis names) kept on the description.
+        tags: names that filters select by (``mx.filters.tag("backbone")``); a str or a
+            sequence of str. Settable later: ``layer.kernel.tags = ("backbone",)``.
+        axes: a logical axis name (str) or None per dimension of the array, e.g.
+            ``("embed", "mlp")``: what sharding rules map to devices. Settable later.
+        **metadata: free annotations kept on the description.
 
     Example:
         >>> import metoryx as mx
-        >>> v = mx.Variable("params", mx.initializers.zeros, (2, 3))
+        >>> v = mx.Variable("params", mx.initializers.zeros, (2, 3), tags="backbone")
         >>> v
         Variable('params', float32[2, 3])
+        >>> v.tags
+        ('backbone',)
     """
 
     def __init__(
@@ -124,6 +130,9 @@ class Variable(_ArrayInModuleCode):
         shape: Sequence[int],
         dtype: Any = jnp.float32,
         mutable: bool = False,
+        *,
+        tags: str | Sequence[str] = (),
+        axes: Sequence[str | None] | None = None,
         **metadata: Any,
     ):
         kind = type(self).__name__
@@ -174,6 +183,52 @@ class Variable(_ArrayInModuleCode):
         self.mutable = bool(mutable)
         self.metadata = metadata
         self._value: jax.Array | None = None
+        self._tags: tuple[str, ...] = ()
+        self._axes: tuple[str | None, ...] | None = None
+        self.tags = tags
+        self.axes = axes
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """The variable's tags, sorted, each once: what ``mx.filters.tag`` selects.
+
+        Set a str or a sequence of str (``()`` clears them); ``mx.tag(module, name)`` adds a
+        tag to every variable of a module.
+        """
+        return self._tags
+
+    @tags.setter
+    def tags(self, tags: str | Sequence[str]) -> None:
+        self._tags = tags_argument(f"{self!r}", tags)
+
+    @property
+    def axes(self) -> tuple[str | None, ...] | None:
+        """A logical axis name or None per dimension, or None when not named.
+
+        Sharding rules map these names to the device mesh. Set a sequence as long as the
+        shape is (one copy's shape, for a variable inside ``mx.Repeat``), or None.
+        """
+        return self._axes
+
+    @axes.setter
+    def axes(self, axes: Sequence[str | None] | None) -> None:
+        if axes is None:
+            self._axes = None
+            return
+        given = tuple(axes) if isinstance(axes, (list, tuple)) else None
+        if given is None or any(not (a is None or (isinstance(a, str) and a)) for a in given):
+            raise errors.VariableDefinitionError(
+                f"{self!r}: `axes` must be None or a tuple with a logical axis name (a "
+                f"non-empty str) or None per dimension, such as ('embed', 'mlp'); got "
+                f"{axes!r:.60}."
+            )
+        if len(given) != len(self.shape):
+            raise errors.VariableDefinitionError(
+                f"{self!r}: `axes` names {len(given)} dimensions, {given}, and the variable "
+                f"has {len(self.shape)} (shape {self.shape}). Give one name (or None) per "
+                f"dimension."
+            )
+        self._axes = given
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -262,6 +317,20 @@ class Variable(_ArrayInModuleCode):
         return f"{type(self).__name__}({self.collection!r}, {self._describe()}{extras})"
 
 
+def tags_argument(where: str, tags: Any) -> tuple[str, ...]:
+    """``tags`` (a str or a sequence of str) as a sorted tuple of unique tags, else an error
+    naming ``where``."""
+    found = (tags,) if isinstance(tags, str) else tags
+    if not isinstance(found, (list, tuple, set, frozenset)) or any(
+        not isinstance(t, str) or not t for t in cast("Sequence[Any]", found)
+    ):
+        raise errors.VariableDefinitionError(
+            f"{where}: tags must be a non-empty str or a sequence of them, such as 'backbone' "
+            f"or ('backbone', 'frozen'); got {tags!r:.60}."
+        )
+    return tuple(sorted(set(cast("Sequence[str]", found))))
+
+
 def _definition_world_operator(name: str) -> Callable[..., NoReturn]:
     def operator(self: Variable, *args: Any) -> NoReturn:
         raise errors.ApplyContextError(
@@ -299,7 +368,9 @@ class Parameter(Variable):
         shape: the array's shape.
         dtype: the storage dtype (``param_dtype`` in layers); the computation dtype is the
             layer's business.
-        **metadata: free annotations (tags, sharding axis names).
+        tags: names that filters select by (a str or a sequence of str).
+        axes: a logical axis name or None per dimension (what sharding rules map).
+        **metadata: free annotations.
 
     Example:
         >>> import jax.numpy as jnp, metoryx as mx
@@ -312,9 +383,18 @@ class Parameter(Variable):
     """
 
     def __init__(
-        self, init: Initializer, shape: Sequence[int], dtype: Any = jnp.float32, **metadata: Any
+        self,
+        init: Initializer,
+        shape: Sequence[int],
+        dtype: Any = jnp.float32,
+        *,
+        tags: str | Sequence[str] = (),
+        axes: Sequence[str | None] | None = None,
+        **metadata: Any,
     ):
-        super().__init__("params", init, shape, dtype, mutable=False, **metadata)
+        super().__init__(
+            "params", init, shape, dtype, mutable=False, tags=tags, axes=axes, **metadata
+        )
 
     def __repr__(self) -> str:
         extras = "" if self._value is None else ", value fixed"
@@ -334,6 +414,8 @@ class State(Variable):
         shape: the array's shape.
         dtype: the storage dtype of the array.
         mutable: whether module code may assign it inside ``apply_fn``.
+        tags: names that filters select by (a str or a sequence of str).
+        axes: a logical axis name or None per dimension (what sharding rules map).
         **metadata: free annotations.
 
     Example:
@@ -357,9 +439,14 @@ class State(Variable):
         shape: Sequence[int],
         dtype: Any = jnp.float32,
         mutable: bool = True,
+        *,
+        tags: str | Sequence[str] = (),
+        axes: Sequence[str | None] | None = None,
         **metadata: Any,
     ):
-        super().__init__(collection, init, shape, dtype, mutable=mutable, **metadata)
+        super().__init__(
+            collection, init, shape, dtype, mutable=mutable, tags=tags, axes=axes, **metadata
+        )
 
     def __repr__(self) -> str:
         extras = "" if self.mutable else ", read-only"
