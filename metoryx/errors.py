@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "ApplyContextError",
+    "FilterError",
     "ImmutableModuleError",
     "InputDtypeError",
     "InputShapeError",
@@ -27,7 +28,9 @@ __all__ = [
     "MissingRngError",
     "ModuleAttributeError",
     "ModuleStructureError",
+    "NoMatchError",
     "PartialAssignmentWarning",
+    "ReplacementError",
     "RngsTypeError",
     "StaticArgumentError",
     "TransformBoundaryError",
@@ -329,6 +332,54 @@ class InputDtypeError(MetoryxError, TypeError):
         ...     apply_fn(init_fn(jax.random.key(0)), None, jnp.ones(3))
         ... except mx.errors.InputDtypeError as e:
         ...     print("integer" in str(e))
+        True
+    """
+
+
+class FilterError(MetoryxError, ValueError):
+    """A filter spec is malformed (a bad glob, an unknown kind of spec), needs the variable
+    info it was not given, or selects no variable at all; the message lists near misses.
+
+    A spec that selects nothing is an error rather than an empty selection: a typo in a glob
+    must never silently freeze (or train, or save) nothing.
+
+    Example:
+        >>> import jax, metoryx as mx
+        >>> variables = mx.init(mx.Dense(2, 3))(jax.random.key(0))
+        >>> try:
+        ...     mx.filter(variables, "params/kernl")
+        ... except mx.errors.FilterError as e:
+        ...     print("params/kernel" in str(e))
+        True
+    """
+
+
+class NoMatchError(MetoryxError, ValueError):
+    """A selection (the ``where`` of :func:`metoryx.replace`) matched nothing in the model.
+
+    A typo must never silently do nothing, so a selection that picks nothing is an error, and
+    the message lists the near misses: the module types the model holds, or the paths closest
+    to the glob that was given.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.replace(mx.MLP(2, [4], 1), mx.BatchNorm, lambda path, m: m)
+        ... except mx.errors.NoMatchError as e:
+        ...     print("Dense" in str(e))
+        True
+    """
+
+
+class ReplacementError(MetoryxError, TypeError):
+    """The ``fn`` of :func:`metoryx.replace` returned something that is not a module.
+
+    Example:
+        >>> import metoryx as mx
+        >>> try:
+        ...     mx.replace(mx.MLP(2, [4], 1), mx.Dense, lambda path, m: None)
+        ... except mx.errors.ReplacementError as e:
+        ...     print("mx.Identity()" in str(e))
         True
     """
 

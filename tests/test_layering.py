@@ -23,6 +23,8 @@ RANKS = {
     "metoryx._core": 2,
     "metoryx.layout": 3,
     "metoryx.intermediates": 3,
+    "metoryx.filters": 3,
+    "metoryx.tagging": 4,
     "metoryx.lift": 4,
     "metoryx.nn": 5,
     "metoryx.interop": 6,
