@@ -66,6 +66,7 @@ from metoryx.nn.recurrent import (
     StackedRNN,
 )
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
+from metoryx.surgery import modules, replace
 from metoryx.tagging import freeze, tag, unfreeze, untag
 
 __version__ = "0.1.0"
@@ -138,6 +139,7 @@ __all__ = [
     "log_softmax",
     "max_pool",
     "min_pool",
+    "modules",
     "next_rng_key",
     "nn",
     "optax_labels",
@@ -145,6 +147,7 @@ __all__ = [
     "partition",
     "relu",
     "relu6",
+    "replace",
     "rotary_frequencies",
     "scan",
     "selu",

@@ -24,6 +24,7 @@ RANKS = {
     "metoryx.layout": 3,
     "metoryx.intermediates": 3,
     "metoryx.filters": 3,
+    "metoryx.surgery": 3,
     "metoryx.tagging": 4,
     "metoryx.lift": 4,
     "metoryx.nn": 5,
