@@ -26,10 +26,18 @@ from metoryx._core.transform import Snapshot
 
 
 class Capture(NamedTuple):
-    """What a captured call records: sown keys matching ``sown``, outputs of ``outputs``."""
+    """What a captured call records: sown keys matching ``sown``, outputs of ``outputs``.
+
+    ``calls``, when given, sees every call of a hooked module instead (``mx.summary``): it is
+    called as ``calls(module, method, args, kwargs)`` and must return ``method(module, *args,
+    **kwargs)``.
+    """
 
     sown: tuple[str, ...]
     outputs: frozenset[str]
+    calls: Callable[[Module, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any] | None = (
+        None
+    )
 
 
 def sow(name: str, value: Any) -> Any:
@@ -153,8 +161,8 @@ def capture(
             f"mx.capture: no module has a path matching {unmatched}. The model's module paths "
             f"are {paths[:40]}{' ...' if len(paths) > 40 else ''}."
         )
-    for key, module in selected.items():
-        _record_outputs(module, key)
+    for module in selected.values():
+        hook_calls(module)
     request = Capture(sown_patterns, frozenset(selected))
 
     def captured(variables: Any, rngs: Any, /, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
@@ -175,11 +183,11 @@ def _patterns(name: str, value: Any) -> tuple[str, ...]:
     return tuple(patterns)
 
 
-def _record_outputs(module: Module, key: str) -> None:
-    """Make a snapshot module record its call's output when a capture asks for ``key``.
+def hook_calls(module: Module) -> None:
+    """Make a snapshot module's calls visible to a :class:`Capture` (its outputs, its calls).
 
-    The module's class becomes a subclass whose ``__call__`` records after calling the
-    original; uncaptured calls of the same snapshot only pay a lookup at trace time.
+    The module's class becomes a subclass whose ``__call__`` looks the running frame's capture
+    up; calls of the same snapshot outside a capture only pay that lookup, at trace time.
     """
     cls = type(module)
     if getattr(cls, "_mx_records_outputs", False):
@@ -192,9 +200,12 @@ def _recording_class(cls: type) -> type:
     original = cls.__call__
 
     def __call__(self: Module, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
-        out = original(self, *args, **kwargs)
         found = running_frame(self)
-        if found is not None and found[1].capture is not None:
+        request = None if found is None else found[1].capture
+        if request is not None and request.calls is not None:
+            return request.calls(self, original, args, kwargs)
+        out = original(self, *args, **kwargs)
+        if found is not None and request is not None:
             binding, frame = found
             key = "/".join(binding.path)
             if key in frame.capture.outputs:

@@ -12,8 +12,9 @@ be applied inside another model's method (each snapshot finds its own frame).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, cast
 
@@ -299,6 +300,19 @@ register_pytree_with_keys(ReadOnlyDict, _flatten_dict_with_keys, _unflatten_dict
 FRAMES: contextvars.ContextVar[Mapping[object, Frame]] = contextvars.ContextVar(
     "metoryx_frames", default=MappingProxyType({})
 )
+
+
+@contextlib.contextmanager
+def entered(owner: object, frame: Frame) -> Generator[Frame]:
+    """Make ``frame`` the current frame of the snapshot ``owner`` while the block runs."""
+    frames = dict(FRAMES.get())
+    frames.pop(owner, None)  # re-inserted last: the innermost
+    frames[owner] = frame
+    token = FRAMES.set(frames)
+    try:
+        yield frame
+    finally:
+        FRAMES.reset(token)
 
 
 def innermost_frame() -> tuple[object, Frame] | None:

@@ -27,7 +27,7 @@ from collections.abc import Collection, Generator, Mapping
 from typing import Any, NamedTuple, cast
 
 from metoryx import errors
-from metoryx._core.context import FRAMES, Frame
+from metoryx._core.context import Frame, entered
 from metoryx._core.module import BINDING, Lifted, Module, module_label, running_frame
 from metoryx._core.paths import Path, path_str
 from metoryx._core.typed import np_shape
@@ -136,12 +136,19 @@ class Region:
         transform: str,
         writable: frozenset[int] | None = None,
         split: bool | frozenset[str] = False,
+        runs: int = 1,
+        looped: bool = False,
     ):
         self.owner = owner
         self.parent = parent
         self.transform = transform
         self.writable = writable  # None: any slot may be assigned
         self.split = split
+        # How many times one call runs the body (scan steps, vmap members), and whether in
+        # sequence: XLA's cost analysis counts a loop's body once, a vmap's members all
+        # (mx.summary scales the costs it reads by these).
+        self.runs = runs
+        self.looped = looped
         self.start = dict(parent.counters)
         self.split_used: set[str] = set()
         self.end: dict[str, int] = {}  # the counters of unsplit streams after the body
@@ -178,14 +185,8 @@ class Region:
         child.region = self
         child.index = index
         child.counters = {s: c for s, c in self.start.items() if not self.splits(s)}
-        frames = dict(FRAMES.get())
-        frames.pop(self.owner, None)
-        frames[self.owner] = child
-        token = FRAMES.set(frames)
-        try:
+        with entered(self.owner, child):
             yield child
-        finally:
-            FRAMES.reset(token)
         self.written.update(child.written)
         for stream, count in child.counters.items():
             if not self.splits(stream):

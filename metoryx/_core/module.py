@@ -415,7 +415,7 @@ class _Totals:
         if not self.counts:
             return "No variables."
         parts = [
-            f"{n:,} {'parameters' if name == 'params' else name + ' values'} ({_bytes(b)})"
+            f"{n:,} {'parameters' if name == 'params' else name + ' values'} ({format_bytes(b)})"
             for name, (n, b) in self.counts.items()
         ]
         return "Total: " + ", ".join(parts)
@@ -458,7 +458,8 @@ def _repr_lines(
     return [header, *("  " + line for line in inner), ")"]
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: ``"512 B"``, ``"1.5 KiB"``, ... ``"3.2 GiB"``."""
     if n < 1024:
         return f"{n} B"
     size = n / 1024

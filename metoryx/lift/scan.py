@@ -44,7 +44,7 @@ def run_scan(wrapper: Any, transform: str, step: Step, carry: Any, xs: Any) -> t
     owner, parent = running(wrapper, transform)
     plan = plan_of(wrapper)
     length = _length(wrapper, transform, xs)
-    region = Region(owner, parent, transform, plan.owned, wrapper.split_rngs)
+    region = Region(owner, parent, transform, plan.owned, wrapper.split_rngs, length, True)
     stacked = set(plan.stacked)
 
     def body(c: Any, x: Any) -> tuple[Any, Any]:

@@ -93,9 +93,9 @@ class Vmap(Lifted):
         """Call the module on each member's slice of ``args`` (``kwargs`` go to all unmapped)."""
         owner, parent = running(self, "mx.vmap")
         plan = plan_of(self)
-        region = Region(owner, parent, "mx.vmap", plan.owned, self.split_rngs)
-        stacked = set(plan.stacked)
         size = _mapped_size(self, args)
+        region = Region(owner, parent, "mx.vmap", plan.owned, self.split_rngs, size)
+        stacked = set(plan.stacked)
 
         def body(own: dict[int, Any], index: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
             with region.body(own, index) as child:
