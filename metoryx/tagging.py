@@ -8,7 +8,8 @@ the tags with the rest.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar, cast
 
 from metoryx import errors
 from metoryx._core.module import Module
@@ -16,23 +17,33 @@ from metoryx._core.tree import walk
 from metoryx._core.variables import Variable, tags_argument
 from metoryx.filters import FROZEN
 
-Target = TypeVar("Target", Module, Variable)
+Target = TypeVar("Target")
 
 
-def _variables(target: Module | Variable, what: str) -> list[Variable]:
+def _variables(target: Any, what: str) -> list[Variable]:
+    """The variables of a module (sub-modules included), a variable, or a list, tuple or dict
+    of those (``model.blocks``), each once."""
     if isinstance(target, Variable):
         return [target]
     if isinstance(target, Module):
         return [v for _, v in walk(target).variables]
+    if isinstance(target, (list, tuple, dict)) and target:
+        items = cast("dict[Any, Any]", target).values() if isinstance(target, dict) else target
+        found = {id(v): v for item in cast("Iterable[Any]", items) for v in _variables(item, what)}
+        return list(found.values())
     raise errors.ModuleStructureError(
-        f"{what} takes a module (all its variables, sub-modules included) or a variable, got "
-        f"{type(target).__name__}. Pass e.g. model.encoder or model.fc.kernel."
+        f"{what} takes a module (all its variables, sub-modules included), a variable, or a "
+        f"non-empty list, tuple or dict of them, got {type(target).__name__} {target!r:.40}. "
+        f"Pass e.g. model.encoder or model.fc.kernel."
     )
 
 
 def tag(target: Target, *tags: str) -> Target:
-    """Add ``tags`` to every variable of ``target`` (a module, its sub-modules included, or a
-    single variable); return ``target``.
+    """Add ``tags`` to every variable of ``target``; return ``target``.
+
+    ``target`` is a module (its sub-modules included), a variable, or a list, tuple or dict
+    of them (``model.blocks``). Tags are names that filters select by
+    (``mx.filters.tag(name)``); they are set in the definition world, before ``mx.transform``.
 
     Example:
         >>> import metoryx as mx

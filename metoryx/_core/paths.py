@@ -108,8 +108,8 @@ def glob_matcher(pattern: str, prefix: bool = False) -> Callable[[Path], bool]:
     """A predicate telling whether a path matches the glob ``pattern``.
 
     The pattern's parts are joined by ``/`` as paths are (``"params/encoder/**/kernel"``).
-    Each part matches one level with ``fnmatch`` rules (``*``, ``?``, ``[abc]``, case
-    sensitive), and a part ``**`` matches any number of levels, none included. With
+    Each part matches one level with ``fnmatch`` rules (``*``, ``?``, ``[abc]``, ``[!abc]``,
+    case sensitive), and a part ``**`` matches any number of levels, none included. With
     ``prefix=True`` a pattern that matches the start of a path matches the path too, so that
     ``"params/encoder"`` selects everything under that module. The caller checks the pattern
     with :func:`glob_problem` first.
@@ -123,28 +123,27 @@ def glob_matcher(pattern: str, prefix: bool = False) -> Callable[[Path], bool]:
         True
     """
     parts = tuple(pattern.split("/"))
-    literal = all(p != "**" and not (_WILDCARDS & set(p)) for p in parts)
-    if literal:  # the common case: a plain path, compared as tuples
+    if all(p != "**" and not (_WILDCARDS & set(p)) for p in parts):
+        # The common case, a plain path: compared as tuples.
         if prefix:
             return lambda path: path[: len(parts)] == parts
         return lambda path: path == parts
-    regex = re.compile(_glob_regex(parts) + ("(?:/.*)?" if prefix else "") + r"\Z", re.DOTALL)
-    return lambda path: regex.match("/".join(path)) is not None
+    levels = [None if p == "**" else re.compile(_part_regex(p) + r"\Z", re.DOTALL) for p in parts]
 
+    def match(path: Path) -> bool:
+        # reached[j]: the parts so far match the first j levels of the path.
+        reached = [True] + [False] * len(path)
+        for level in levels:
+            if level is None:  # '**': any number of levels, none included
+                for j in range(1, len(reached)):
+                    reached[j] = reached[j] or reached[j - 1]
+            else:
+                for j in range(len(reached) - 1, 0, -1):
+                    reached[j] = reached[j - 1] and level.match(path[j - 1]) is not None
+                reached[0] = False
+        return any(reached) if prefix else reached[-1]
 
-def _glob_regex(parts: tuple[str, ...]) -> str:
-    pieces: list[str] = []
-    end = len(parts) - 1
-    for i, part in enumerate(parts):
-        if part == "**" and i < end:  # zero or more whole levels, each with its '/'
-            pieces.append("(?:[^/]+/)*")
-        elif part == "**":  # at the end: zero or more levels after the '/' of the one before
-            pieces.append("(?:/[^/]+)*" if i else "(?:[^/]+(?:/[^/]+)*)?")
-        else:
-            pieces.append(_part_regex(part))
-            if i < end and not (i + 1 == end and parts[end] == "**"):
-                pieces.append("/")
-    return "".join(pieces)
+    return match
 
 
 def _part_regex(part: str) -> str:

@@ -248,3 +248,38 @@ def test_shape_and_dtype_are_read_only_descriptions():
     assert p.shape == (2, 3) and p.dtype == jnp.float16
     with pytest.raises(AttributeError):
         p.shape = (3, 2)
+
+
+def test_tags_are_sorted_unique_and_settable():
+    p = mx.Parameter(mx.initializers.zeros, (2, 3), tags=("b", "a", "b"))
+    assert p.tags == ("a", "b")
+    p.tags = "backbone"  # one str is one tag, not its letters
+    assert p.tags == ("backbone",)
+    p.tags = ()
+    assert p.tags == ()
+    assert mx.State("s", mx.initializers.zeros, (), tags="stats").tags == ("stats",)
+
+
+@pytest.mark.parametrize("bad", [1, ("a", 2), ("",), ["ok", None], {"a": 1}])
+def test_bad_tags_are_refused_with_the_variable_named(bad):
+    p = mx.Parameter(mx.initializers.zeros, (2,))
+    with pytest.raises(errors.VariableDefinitionError, match=r"Parameter\(float32\[2\]\): tags"):
+        p.tags = bad
+
+
+def test_axes_name_each_dimension_or_none():
+    p = mx.Parameter(mx.initializers.zeros, (2, 3), axes=("embed", None))
+    assert p.axes == ("embed", None)
+    p.axes = ["embed", "mlp"]
+    assert p.axes == ("embed", "mlp")
+    p.axes = None
+    assert p.axes is None
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [(("embed",), "names 1 dimensions"), ("embed", "must be None or a tuple"), (("", "x"), "non-empty")],
+)
+def test_bad_axes_are_refused(bad, match):
+    with pytest.raises(errors.VariableDefinitionError, match=match):
+        mx.Parameter(mx.initializers.zeros, (2, 3), axes=bad)
