@@ -36,7 +36,7 @@ from metoryx.nn._compute import (
 )
 
 
-def _dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+def conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
     """Channels-last input and output, kernel ``(*spatial, in, out)``: XLA reads these
     layouts directly, so no transpose is traced."""
     spatial = tuple(range(1, ndim + 1))
@@ -189,14 +189,14 @@ class Conv(_Convolution):
         )
         kernel, bias = self.kernel, self.bias
         dtype = compute_dtype(self.dtype, x, kernel, bias)
-        y = _one_batch_axis(
+        y = one_batch_axis(
             lambda x: lax.conv_general_dilated(
                 x,
                 cast(kernel, dtype),
                 window_strides=self.strides,
                 padding=self.padding,
                 rhs_dilation=self.dilation,
-                dimension_numbers=_dimension_numbers(len(self.kernel_size)),
+                dimension_numbers=conv_dimension_numbers(len(self.kernel_size)),
                 feature_group_count=self.groups,
             ),
             cast(x, dtype),
@@ -379,7 +379,7 @@ class ConvTranspose(_Convolution):
         kernel, bias = self.kernel, self.bias
         dtype = compute_dtype(self.dtype, x, kernel, bias)
         flipped = lax.rev(cast(kernel, dtype), tuple(range(ndim)))
-        y = _one_batch_axis(
+        y = one_batch_axis(
             lambda x: lax.conv_general_dilated(
                 x,
                 flipped,
@@ -387,7 +387,7 @@ class ConvTranspose(_Convolution):
                 padding=pads,
                 lhs_dilation=self.strides,
                 rhs_dilation=self.dilation,
-                dimension_numbers=_dimension_numbers(ndim),
+                dimension_numbers=conv_dimension_numbers(ndim),
                 feature_group_count=self.groups,
             ),
             cast(x, dtype),
@@ -413,7 +413,7 @@ def _channels_last_input(layer: _Convolution, x: Any) -> jax.Array:
     return x
 
 
-def _one_batch_axis(conv: Callable[[jax.Array], jax.Array], x: jax.Array, ndim: int) -> jax.Array:
+def one_batch_axis(conv: Callable[[jax.Array], jax.Array], x: jax.Array, ndim: int) -> jax.Array:
     """``conv`` (which takes exactly one batch axis, as lax does) applied to ``x`` with any
     number of them: several are flattened, and one is added when there is none."""
     batch = x.shape[: x.ndim - ndim - 1]
