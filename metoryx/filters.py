@@ -399,8 +399,7 @@ def _infos_of(tree: Mapping[str, Any], info: Any, needs_info: bool) -> list[tupl
         return [(p, None) for p in paths]
     if not isinstance(info, Mapping):
         raise errors.FilterError(
-            f"`info` must be the tree mx.variable_info(model) returns, got "
-            f"{type(info).__name__}."
+            f"`info` must be the tree mx.variable_info(model) returns, got {type(info).__name__}."
         )
     known = flatten_variables(cast("Mapping[str, Any]", info))
     unknown = [path_str(p) for p in paths if not isinstance(known.get(p), VariableInfo)]

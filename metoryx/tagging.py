@@ -54,8 +54,7 @@ def tag(target: Target, *tags: str) -> Target:
     """
     if not tags:
         raise errors.VariableDefinitionError(
-            "mx.tag(target, *tags) needs at least one tag, e.g. mx.tag(model.encoder, "
-            "'backbone')."
+            "mx.tag(target, *tags) needs at least one tag, e.g. mx.tag(model.encoder, 'backbone')."
         )
     added = tags_argument("mx.tag", tags)
     for var in _variables(target, "mx.tag"):

@@ -43,7 +43,9 @@ def net():
 
 
 def _paths(tree):
-    return sorted("/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree))
+    return sorted(
+        "/".join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)
+    )
 
 
 # --- what each kind of spec selects ---------------------------------------------------------
@@ -54,8 +56,14 @@ def _paths(tree):
     [
         ("batch_stats", ["batch_stats/bn/mean", "batch_stats/bn/var"]),
         ("params/head", ["params/head/bias", "params/head/kernel"]),
-        ("params/encoder/*/attn/kernel", ["params/encoder/0/attn/kernel", "params/encoder/1/attn/kernel"]),
-        ("**/kernel", ["params/encoder/0/attn/kernel", "params/encoder/1/attn/kernel", "params/head/kernel"]),
+        (
+            "params/encoder/*/attn/kernel",
+            ["params/encoder/0/attn/kernel", "params/encoder/1/attn/kernel"],
+        ),
+        (
+            "**/kernel",
+            ["params/encoder/0/attn/kernel", "params/encoder/1/attn/kernel", "params/head/kernel"],
+        ),
         ("params/**/norm/s?ale", ["params/encoder/0/norm/scale", "params/encoder/1/norm/scale"]),
         ("params/encoder/[!0]/norm", ["params/encoder/1/norm/bias", "params/encoder/1/norm/scale"]),
     ],
@@ -110,7 +118,9 @@ def test_tags_collections_and_predicates(net):
 
 def test_combinations_and_operators(net):
     _, variables, info = net
-    kernels_not_backbone = mx.filters.all_of("**/kernel", mx.filters.not_(mx.filters.tag("backbone")))
+    kernels_not_backbone = mx.filters.all_of(
+        "**/kernel", mx.filters.not_(mx.filters.tag("backbone"))
+    )
     expected = ["params/encoder/1/attn/kernel", "params/head/kernel"]
     assert _paths(mx.filter(variables, kernels_not_backbone, info)) == expected
     assert _paths(mx.filter(variables, "**/kernel" & ~mx.filters.tag("backbone"), info)) == expected
@@ -127,7 +137,12 @@ def test_trainable_and_frozen(net):
     variables = mx.init(model)(jax.random.key(0))
     info = mx.variable_info(model)
     trainable, rest = mx.partition(variables, mx.filters.trainable, info)
-    assert _paths(trainable) == ["params/bn/bias", "params/bn/scale", "params/head/bias", "params/head/kernel"]
+    assert _paths(trainable) == [
+        "params/bn/bias",
+        "params/bn/scale",
+        "params/head/bias",
+        "params/head/kernel",
+    ]
     assert _paths(mx.filter(variables, mx.filters.frozen, info)) == [
         p for p in _paths(rest) if p.startswith("params/")
     ]
@@ -142,7 +157,9 @@ def test_partition_keeps_the_same_arrays_and_combine_restores_exactly(net):
     assert set(_paths(selected)).isdisjoint(_paths(rest))
     back = mx.combine(selected, rest)
     assert jax.tree.structure(back) == jax.tree.structure(variables)
-    assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)))
+    assert all(
+        a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables), strict=True)
+    )
 
 
 def test_partition_of_a_jitted_gradient_tree(net):
@@ -196,13 +213,18 @@ def test_a_tag_or_type_that_matches_nothing_lists_what_is_there(net):
     _, variables, info = net
     with pytest.raises(errors.FilterError, match=r"tags present are 'backbone' \(4\)"):
         mx.filter(variables, mx.filters.tag("backbon"), info)
-    with pytest.raises(errors.FilterError, match="'BatchNorm', 'Block', 'Dense', 'LayerNorm', 'Net'"):
+    with pytest.raises(
+        errors.FilterError, match="'BatchNorm', 'Block', 'Dense', 'LayerNorm', 'Net'"
+    ):
         mx.filter(variables, mx.RMSNorm, info)
     with pytest.raises(errors.FilterError, match="No variable has a tag"):
         mx.filter(mx.init(mx.Dense(2, 2))(0), mx.filters.tag("x"), mx.variable_info(mx.Dense(2, 2)))
     with pytest.raises(errors.FilterError, match="selects every one of the 14"):
         mx.partition(variables, mx.filters.not_("*"))
-    with pytest.raises(errors.FilterError, match=r"Alone, path\('batch_stats'\) selects 2; path\('params'\) selects 12"):
+    with pytest.raises(
+        errors.FilterError,
+        match=r"Alone, path\('batch_stats'\) selects 2; path\('params'\) selects 12",
+    ):
         mx.filter(variables, mx.filters.all_of("batch_stats", "params"))
     with pytest.raises(errors.FilterError, match="predicate returned a false value for all 14"):
         mx.filter(variables, lambda p, i: False)
@@ -265,10 +287,14 @@ def test_optax_labels_give_each_variable_its_label(net):
 
 def test_optax_labels_errors(net):
     _, variables, info = net
-    with pytest.raises(errors.FilterError, match=r"1 variable\(s\) have two labels: params/head/kernel"):
+    with pytest.raises(
+        errors.FilterError, match=r"1 variable\(s\) have two labels: params/head/kernel"
+    ):
         mx.optax_labels(info, {"a": "params/head", "b": "**/kernel"}, default="c")
     labels = mx.optax_labels(info, {"a": "params"})
-    with pytest.raises(errors.FilterError, match=r"no label selects 2 variable\(s\): batch_stats/bn/mean"):
+    with pytest.raises(
+        errors.FilterError, match=r"no label selects 2 variable\(s\): batch_stats/bn/mean"
+    ):
         labels(variables)
     with pytest.raises(errors.FilterError, match="label 'a'"):
         mx.optax_labels(info, {"a": "params/haed"})
@@ -285,7 +311,9 @@ PARTS = ["params", "a", "b", "kernel", "bias", "0", "1"]
 
 @st.composite
 def trees(draw, depth=0):
-    keys = draw(st.lists(st.sampled_from(PARTS), min_size=0 if depth else 1, max_size=4, unique=True))
+    keys = draw(
+        st.lists(st.sampled_from(PARTS), min_size=0 if depth else 1, max_size=4, unique=True)
+    )
     tree = {}
     for key in keys:
         if depth < 3 and draw(st.booleans()):

@@ -278,7 +278,11 @@ def test_axes_name_each_dimension_or_none():
 
 @pytest.mark.parametrize(
     ("bad", "match"),
-    [(("embed",), "names 1 dimensions"), ("embed", "must be None or a tuple"), (("", "x"), "non-empty")],
+    [
+        (("embed",), "names 1 dimensions"),
+        ("embed", "must be None or a tuple"),
+        (("", "x"), "non-empty"),
+    ],
 )
 def test_bad_axes_are_refused(bad, match):
     with pytest.raises(errors.VariableDefinitionError, match=match):
