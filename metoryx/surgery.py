@@ -23,6 +23,7 @@ from metoryx import errors
 from metoryx._core.module import Module
 from metoryx._core.paths import Path, glob_matcher, glob_problem, path_str
 from metoryx._core.tree import walk
+from metoryx._core.variables import Variable
 
 M = TypeVar("M", bound=Module)
 
@@ -257,7 +258,9 @@ def _is_module_class(value: Any) -> bool:
 
 def _shown(value: Any) -> str:
     name = builtins.type(value).__name__
-    return f"a {name} instance" if isinstance(value, Module) else f"{name} {value!r:.60}"
+    if isinstance(value, (Module, Variable)):  # their repr spans lines: the class says enough
+        return f"a {name}"
+    return f"{name} {value!r:.60}"
 
 
 def _instance_hint(value: Any) -> str:
