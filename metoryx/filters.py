@@ -110,11 +110,10 @@ class _Glob(Filter):
         # Every path and every prefix of one (the module paths) is a candidate.
         names = sorted({path_str(p[:k]) for p, _ in infos for k in range(1, len(p) + 1)})
         close = difflib.get_close_matches(self.pattern, names, n=5, cutoff=0.6)
-        found = "; the closest paths are " + ", ".join(map(repr, close)) if close else ""
+        found = f"The closest paths are {', '.join(map(repr, close))}. " if close else ""
         return (
-            f"No path matches the glob {self.pattern!r}{found}. Collections: "
-            f"{_listing(p[0] for p, _ in infos)}. A glob matches whole levels: '*' within one, "
-            f"'**' across several ('params/**/kernel')."
+            f"{found}The collections are {_listing(p[0] for p, _ in infos)}. A glob matches "
+            f"whole levels: '*' within one, '**' across several ('params/**/kernel')."
         )
 
     def __repr__(self) -> str:
