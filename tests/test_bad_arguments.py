@@ -142,6 +142,11 @@ CONSTRUCTORS: dict[str, tuple[Callable[..., Any], Callable[[], dict[str, Any]]]]
     ),
     "PRNGKeys": (mx.PRNGKeys, lambda: {"default": jax.random.key(0)}),
     "capture": (mx.capture, lambda: {"apply_fn": mx.apply(_Twice()), "sown": "*"}),
+    "modules": (mx.modules, lambda: {"model": _Twice(), "type": mx.Dense}),
+    "replace": (
+        mx.replace,
+        lambda: {"model": _Twice(), "where": mx.Dense, "fn": lambda path, m: mx.Dense(3, 3)},
+    ),
     "stack": (mx.stack, lambda: {"model": _stacked(), "variables": _unrolled_variables()}),
     "unstack": (mx.unstack, lambda: {"model": _stacked(), "variables": mx.init(_stacked())(0)}),
 }
