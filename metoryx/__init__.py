@@ -27,6 +27,7 @@ from metoryx.lift.checkpoint import checkpoint
 from metoryx.lift.scan import Repeat, scan
 from metoryx.lift.stacking import stack, unstack
 from metoryx.lift.vmap import vmap
+from metoryx.lora import LoRA, lora, merge_lora
 from metoryx.nn._compute import layer_training
 from metoryx.nn.activations import (
     PReLU,
@@ -88,6 +89,7 @@ __all__ = [
     "LSTMCell",
     "Lambda",
     "LayerNorm",
+    "LoRA",
     "MLP",
     "Module",
     "MultiHeadAttention",
@@ -137,7 +139,9 @@ __all__ = [
     "lift",
     "log_sigmoid",
     "log_softmax",
+    "lora",
     "max_pool",
+    "merge_lora",
     "min_pool",
     "modules",
     "next_rng_key",

@@ -29,6 +29,7 @@ RANKS = {
     "metoryx.lift": 4,
     "metoryx.nn": 5,
     "metoryx.interop": 6,
+    "metoryx.lora": 6,
     "metoryx": 7,  # the public face: __init__.py alone
 }
 
