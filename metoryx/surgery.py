@@ -162,9 +162,7 @@ def replace(model: Module, where: Where, fn: Callable[[Path, Any], Module]) -> M
     memo = tree.copy_memo()
     handed: set[int] = set()  # the modules inside a matched one: fn got them with it
     for path, module in tree.modules:
-        if id(module) in handed:
-            continue
-        if not matches(path, module):
+        if id(module) in handed or not matches(path, module):
             continue
         new = fn(path, copy.deepcopy(module, memo))
         if not isinstance(new, Module):
