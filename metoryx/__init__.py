@@ -68,6 +68,7 @@ from metoryx.nn.recurrent import (
 )
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
 from metoryx.surgery import modules, replace
+from metoryx.summary import Summary, SummaryRow, summary
 from metoryx.tagging import freeze, tag, unfreeze, untag
 
 __version__ = "0.1.0"
@@ -105,6 +106,8 @@ __all__ = [
     "SpectralNorm",
     "StackedRNN",
     "State",
+    "Summary",
+    "SummaryRow",
     "Transformed",
     "Variable",
     "VariableInfo",
@@ -163,6 +166,7 @@ __all__ = [
     "softplus",
     "sow",
     "stack",
+    "summary",
     "swish",
     "switch",
     "tag",

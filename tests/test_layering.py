@@ -27,6 +27,7 @@ RANKS = {
     "metoryx.surgery": 3,
     "metoryx.tagging": 4,
     "metoryx.lift": 4,
+    "metoryx.summary": 4,  # a capability over the core and intermediates
     "metoryx.nn": 5,
     "metoryx.interop": 6,
     "metoryx.lora": 6,
