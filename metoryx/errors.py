@@ -337,29 +337,28 @@ class InputDtypeError(MetoryxError, TypeError):
 
 
 class FilterError(MetoryxError, ValueError):
-    """A filter spec is malformed (a bad glob, an unknown kind of spec), needs the variable
-    info it was not given, or selects no variable at all; the message lists near misses.
-
-    A spec that selects nothing is an error rather than an empty selection: a typo in a glob
-    must never silently freeze (or train, or save) nothing.
+    """A filter spec is malformed (a bad glob, an unknown kind of spec), or needs the variable
+    info it was not given; or labels for optax overlap or leave variables out.
 
     Example:
         >>> import jax, metoryx as mx
         >>> variables = mx.init(mx.Dense(2, 3))(jax.random.key(0))
         >>> try:
-        ...     mx.filter(variables, "params/kernl")
+        ...     mx.filter(variables, "params//kernel")
         ... except mx.errors.FilterError as e:
-        ...     print("params/kernel" in str(e))
+        ...     print("empty part" in str(e))
         True
     """
 
 
 class NoMatchError(MetoryxError, ValueError):
-    """A selection (the ``where`` of :func:`metoryx.replace`) matched nothing in the model.
+    """A selection matched nothing: a filter spec (:func:`metoryx.filter`,
+    :func:`metoryx.partition`, :func:`metoryx.optax_labels`), the ``where`` of
+    :func:`metoryx.replace`, the ``target`` of :func:`metoryx.lora`.
 
-    A typo must never silently do nothing, so a selection that picks nothing is an error, and
-    the message lists the near misses: the module types the model holds, or the paths closest
-    to the glob that was given.
+    A typo must never silently do nothing (freeze nothing, replace nothing), so a selection
+    that picks nothing is an error, and the message lists the near misses: the module types
+    the model holds, the tags present, or the paths closest to the glob that was given.
 
     Example:
         >>> import metoryx as mx

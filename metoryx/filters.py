@@ -1,5 +1,14 @@
 """Filters: choosing variables by path, collection, tag or module type.
 
+Example:
+    >>> import jax, metoryx as mx
+    >>> model = mx.Sequential(mx.Dense(2, 3), mx.LayerNorm(3))
+    >>> _ = mx.freeze(model.layers[0])
+    >>> variables = mx.init(model)(jax.random.key(0))
+    >>> trainable, frozen = mx.partition(variables, mx.filters.trainable, mx.variable_info(model))
+    >>> sorted(trainable["params"]["layers"]), sorted(frozen["params"]["layers"])
+    (['1'], ['0'])
+
 Everything a user does with a subset of the variables (train it, freeze it, give it its own
 optimizer, save it, shard it) starts by naming the subset. A *filter spec* names it:
 
@@ -427,7 +436,7 @@ def _selector(tree: Mapping[str, Any], spec: Spec, info: Any, what: str) -> set[
     infos = _infos_of(tree, info, compiled.needs_info)
     chosen = {p for p, i in infos if compiled(p, i)}
     if not chosen:
-        raise errors.FilterError(
+        raise errors.NoMatchError(
             f"{what}: the filter {compiled!r} selects none of the {len(infos)} variables. "
             f"{compiled.hint(infos)}"
         )
@@ -472,8 +481,8 @@ def partition(
         ``(selected, rest)``.
 
     Raises:
-        FilterError: when the spec selects no variable (the message lists near misses), is
-            malformed, or needs ``info`` that was not given.
+        NoMatchError: when the spec selects no variable (the message lists near misses).
+        FilterError: when the spec is malformed, or needs ``info`` that was not given.
 
     Example:
         >>> import jax, metoryx as mx
@@ -499,8 +508,8 @@ def filter(variables: Mapping[str, Any], spec: Spec, info: Any = None) -> dict[s
         info: ``mx.variable_info(model)``; needed when the spec selects by tag or module type.
 
     Raises:
-        FilterError: when the spec selects no variable (the message lists near misses), is
-            malformed, or needs ``info`` that was not given.
+        NoMatchError: when the spec selects no variable (the message lists near misses).
+        FilterError: when the spec is malformed, or needs ``info`` that was not given.
 
     Example:
         >>> import jax, metoryx as mx
@@ -587,8 +596,9 @@ def optax_labels(
         default: the label of the variables no spec selects; None makes those an error.
 
     Raises:
-        FilterError: when a spec selects nothing, two labels select the same variable, or a
-            variable has no label and there is no default.
+        NoMatchError: when a spec selects nothing.
+        FilterError: when two labels select the same variable, or a variable has no label and
+            there is no default.
 
     Example:
         >>> import jax, optax, metoryx as mx

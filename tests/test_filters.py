@@ -202,7 +202,7 @@ def test_combine_names_every_overlap_and_modifies_no_input():
 
 def test_a_glob_that_matches_nothing_lists_near_misses(net):
     _, variables, _ = net
-    with pytest.raises(errors.FilterError) as e:
+    with pytest.raises(errors.NoMatchError) as e:
         mx.filter(variables, "params/encoder/*/atn/kernel")
     message = str(e.value)
     assert "selects none of the 14 variables" in message
@@ -211,22 +211,22 @@ def test_a_glob_that_matches_nothing_lists_near_misses(net):
 
 def test_a_tag_or_type_that_matches_nothing_lists_what_is_there(net):
     _, variables, info = net
-    with pytest.raises(errors.FilterError, match=r"tags present are 'backbone' \(4\)"):
+    with pytest.raises(errors.NoMatchError, match=r"tags present are 'backbone' \(4\)"):
         mx.filter(variables, mx.filters.tag("backbon"), info)
     with pytest.raises(
-        errors.FilterError, match="'BatchNorm', 'Block', 'Dense', 'LayerNorm', 'Net'"
+        errors.NoMatchError, match="'BatchNorm', 'Block', 'Dense', 'LayerNorm', 'Net'"
     ):
         mx.filter(variables, mx.RMSNorm, info)
-    with pytest.raises(errors.FilterError, match="No variable has a tag"):
+    with pytest.raises(errors.NoMatchError, match="No variable has a tag"):
         mx.filter(mx.init(mx.Dense(2, 2))(0), mx.filters.tag("x"), mx.variable_info(mx.Dense(2, 2)))
-    with pytest.raises(errors.FilterError, match="selects every one of the 14"):
+    with pytest.raises(errors.NoMatchError, match="selects every one of the 14"):
         mx.partition(variables, mx.filters.not_("*"))
     with pytest.raises(
-        errors.FilterError,
+        errors.NoMatchError,
         match=r"Alone, path\('batch_stats'\) selects 2; path\('params'\) selects 12",
     ):
         mx.filter(variables, mx.filters.all_of("batch_stats", "params"))
-    with pytest.raises(errors.FilterError, match="predicate returned a false value for all 14"):
+    with pytest.raises(errors.NoMatchError, match="predicate returned a false value for all 14"):
         mx.filter(variables, lambda p, i: False)
 
 
@@ -296,7 +296,7 @@ def test_optax_labels_errors(net):
         errors.FilterError, match=r"no label selects 2 variable\(s\): batch_stats/bn/mean"
     ):
         labels(variables)
-    with pytest.raises(errors.FilterError, match="label 'a'"):
+    with pytest.raises(errors.NoMatchError, match="label 'a'"):
         mx.optax_labels(info, {"a": "params/haed"})
     with pytest.raises(errors.FilterError, match="must be a dict"):
         mx.optax_labels(info, ["params"])
@@ -353,7 +353,7 @@ def test_filter_agrees_with_brute_force_and_combine_inverts_partition(tree, part
     pattern = "/".join(parts)
     expected = {p: leaf for p, leaf in _leaf_paths(tree) if _reference_match(pattern, p)}
     if not expected:
-        with pytest.raises(errors.FilterError, match="selects none"):
+        with pytest.raises(errors.NoMatchError, match="selects none"):
             mx.partition(tree, pattern)
         return
     selected, rest = mx.partition(tree, pattern)
@@ -363,3 +363,61 @@ def test_filter_agrees_with_brute_force_and_combine_inverts_partition(tree, part
     back = mx.combine(selected, rest)
     assert back == tree  # same keys, same leaf objects, empty dicts included
     assert mx.combine(rest, selected) == tree
+
+
+class Pair(mx.Module):
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+
+LEAF_LAYERS = {
+    "dense": lambda: mx.Dense(2, 2),
+    "norm": lambda: mx.LayerNorm(2),
+    "bn": lambda: mx.BatchNorm(2),
+}
+
+
+@st.composite
+def module_trees(draw, depth=0):
+    """A random model: Pairs, lists and dicts of Dense, LayerNorm and BatchNorm layers."""
+    kind = draw(
+        st.sampled_from(["pair", "list", "dict", *LEAF_LAYERS] if depth < 3 else list(LEAF_LAYERS))
+    )
+    if kind in LEAF_LAYERS:
+        return LEAF_LAYERS[kind]()
+    children = [draw(module_trees(depth + 1)) for _ in range(draw(st.integers(1, 3)))]
+    if kind == "pair":
+        return Pair(children[0], children[-1] if len(children) > 1 else mx.Dense(2, 2))
+    container = Pair(
+        mx.Dense(2, 2), children if kind == "list" else dict(zip("xyz", children, strict=False))
+    )
+    return container
+
+
+@settings(max_examples=60, deadline=None)
+@given(module_trees(), st.sampled_from([mx.Dense, mx.LayerNorm, mx.BatchNorm, Pair]), st.data())
+def test_type_and_tag_filters_agree_with_the_module_tree(model, layer_type, data):
+    # Tag a random set of modules, then pick variables by type and by tag.
+    modules = list(mx.modules(model))
+    tagged = data.draw(st.lists(st.sampled_from(modules), max_size=3))
+    for _, module in tagged:
+        mx.tag(module, "picked")
+    variables = jax.eval_shape(mx.init(model), jax.random.key(0))  # shapes are enough here
+    info = mx.variable_info(model)
+    paths = [p for p, _ in _leaf_paths(variables)]
+
+    def under(path, module_paths):
+        return any(path[1 : 1 + len(m)] == m for m in module_paths)
+
+    by_type = {
+        p for p in paths if under(p, [m for m, obj in modules if isinstance(obj, layer_type)])
+    }
+    by_tag = {p for p in paths if under(p, [m for m, _ in tagged])}
+    for spec, expected in ((layer_type, by_type), (mx.filters.tag("picked"), by_tag)):
+        if not expected:
+            with pytest.raises(errors.NoMatchError):
+                mx.filter(variables, spec, info)
+            continue
+        selected, rest = mx.partition(variables, spec, info)
+        assert {p for p, _ in _leaf_paths(selected)} == expected
+        assert mx.combine(selected, rest) == variables
