@@ -50,9 +50,9 @@ def test_every_initializer_is_documented_with_an_example(name):
 
 @pytest.mark.parametrize(
     ("module", "name"),
-    [(m, n) for m in (mx.layout, mx.interop.torch) for n in m.__all__],
+    [(m, n) for m in (mx.layout, mx.interop.torch, mx.filters) for n in m.__all__],
 )
-def test_every_layout_and_interop_name_is_documented_with_an_example(module, name):
+def test_every_layout_interop_and_filters_name_is_documented_with_an_example(module, name):
     doc = inspect.getdoc(getattr(module, name))
     assert doc and ">>>" in doc, f"{module.__name__}.{name} lacks a docstring example"
 
