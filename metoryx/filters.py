@@ -383,11 +383,32 @@ def _members(kind: str, specs: tuple[Spec, ...]) -> tuple[Filter, ...]:
     return tuple(as_filter(s) for s in specs)
 
 
-#: The variables :func:`metoryx.freeze` tagged.
-frozen = tag(FROZEN)
+def _documented(spec: Filter, doc: str) -> Filter:
+    object.__setattr__(spec, "__doc__", doc)  # what help() and inspect.getdoc show
+    return spec
 
-#: What an optimizer trains by default: the ``"params"`` collection minus frozen variables.
-trainable = all_of("params", not_(frozen))
+
+frozen = _documented(
+    tag(FROZEN),
+    """The variables :func:`metoryx.freeze` tagged: ``mx.filters.tag("frozen")``.
+
+    Example:
+        >>> import metoryx as mx
+        >>> mx.filters.frozen
+        tag('frozen')
+    """,
+)
+
+trainable = _documented(
+    all_of("params", not_(frozen)),
+    """What an optimizer trains by default: the ``"params"`` collection minus frozen variables.
+
+    Example:
+        >>> import metoryx as mx
+        >>> mx.filters.trainable
+        all_of(path('params'), not_(tag('frozen')))
+    """,
+)
 
 
 # ---------------------------------------------------------------------------------------------
