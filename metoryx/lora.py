@@ -769,10 +769,9 @@ def _nothing_chosen(
     layers = [(p, m) for p, m in found if isinstance(m, _SUPPORTED)]
     counts = Counter(type(m).__name__ for _, m in layers)
     held = ", ".join(f"{name} ({n})" for name, n in counts.items()) or "none"
+    picks_any = isinstance(target, str) or (callable(target) and not isinstance(target, type))
     others = [
-        (p, m)
-        for p, m in found
-        if not isinstance(m, _SUPPORTED) and not isinstance(target, (tuple, type)) and matches(p, m)
+        (p, m) for p, m in found if picks_any and not isinstance(m, _SUPPORTED) and matches(p, m)
     ]
     if others:
         shown = ", ".join(f"{type(m).__name__} at {path_str(p)!r}" for p, m in others[:5])
