@@ -548,7 +548,7 @@ def filter(variables: Mapping[str, Any], spec: Spec, info: Any = None) -> dict[s
     return _split(tree, (), chosen)[0]
 
 
-def combine(*parts: Mapping[str, Any]) -> dict[str, Any]:
+def combine(*parts: Any) -> dict[str, Any]:
     """Merge disjoint parts of a variables dict back into one: the inverse of :func:`partition`.
 
     Exact and lossless: every array comes back as the same object at its path. No input is
