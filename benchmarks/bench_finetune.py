@@ -27,6 +27,7 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _timing import call_sampler, header, interleaved, markdown, paired, walk_eqns  # noqa: E402
+from bench_deep import GPT, SMALL  # noqa: E402  (the deep-models benchmark's GPT, for mx.lora)
 
 import metoryx as mx  # noqa: E402
 
@@ -140,6 +141,34 @@ def measure_frozen_step(repeats: int, calls: int) -> list[list[str]]:
 
 TITLES = ["measure", "hand-written", "metoryx", "ratio", "paired"]
 
+LORA_BLOCKS, LORA_RANK = 48, 8
+
+
+def measure_lora(repeats: int) -> list[list[str]]:
+    """Median times of ``mx.lora`` (every Dense and Embed of the GPT of bench_deep.py,
+    ``LORA_BLOCKS`` blocks, rank ``LORA_RANK``) and of ``mx.merge_lora`` on its variables, per
+    layout of the blocks: a list of blocks (``unrolled``) or one ``mx.Repeat``."""
+    rows = []
+    for layout in ("unrolled", "repeat"):
+        model = GPT(SMALL, LORA_BLOCKS, layout)
+        adapted = mx.lora(model, LORA_RANK)
+        variables = jax.block_until_ready(mx.init(adapted)(jax.random.key(0)))
+        adapters = sum(1 for _ in mx.modules(adapted, mx.LoRA))
+        times: dict[str, list[float]] = {"lora": [], "merge": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.lora(model, LORA_RANK)
+            times["lora"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(mx.merge_lora(adapted, variables)[1])
+            times["merge"].append(time.perf_counter() - start)
+        lora_s, merge_s = (sorted(t)[len(t) // 2] for t in times.values())
+        rows.append([layout, str(adapters), f"{lora_s * 1e3:.1f} ms", f"{merge_s * 1e3:.1f} ms"])
+    return rows
+
+
+LORA_TITLES = ["GPT layout", "adapted layers", "mx.lora", "mx.merge_lora"]
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -154,6 +183,11 @@ def main() -> int:
     with jax.numpy_dtype_promotion("standard"):
         rows = measure_frozen_step(5 if quick else 31, 10 if quick else 50)
     print(markdown(TITLES, rows))
+    print(
+        f"\nLoRA: the GPT of bench_deep.py ({SMALL}), {LORA_BLOCKS} blocks, rank {LORA_RANK} on "
+        f"every Dense and Embed; median of {3 if quick else 11} runs (merge: eager, on CPU)\n"
+    )
+    print(markdown(LORA_TITLES, measure_lora(3 if quick else 11)))
     print(f"\nTotal time {time.perf_counter() - started:.0f} s.")
     return 0
 
