@@ -48,10 +48,12 @@ from metoryx.nn._compute import (
     at_least_float32,
     bad_training_switch,
     cast,
+    conv_dimension_numbers,
     mode_repr,
+    one_batch_axis,
     training_flag,
 )
-from metoryx.nn.conv import Conv, conv_dimension_numbers, one_batch_axis
+from metoryx.nn.conv import Conv
 from metoryx.nn.dropout import dropout as apply_dropout
 from metoryx.nn.linear import Dense, Einsum, Embed
 from metoryx.surgery import modules, replace

@@ -1,15 +1,18 @@
 """What layers share: the dtype rules, the training flag and the per-layer training switch, the
-bias add that traces like hand-written code, and the default kernel initializer."""
+bias add that traces like hand-written code, the channels-last convolution layout (Conv and the
+LoRA adapters of a Conv), and the default kernel initializer."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.core import Tracer
 
 from metoryx import errors, initializers
@@ -156,6 +159,27 @@ def mode_repr(layer: Module, config: str) -> str:
         return config
     mode = f"training={layer.training!r}"
     return f"{config}, {mode}" if config else mode
+
+
+def conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
+    """Channels-last input and output, kernel ``(*spatial, in, out)``: XLA reads these
+    layouts directly, so no transpose is traced."""
+    spatial = tuple(range(1, ndim + 1))
+    return lax.ConvDimensionNumbers(
+        lhs_spec=(0, ndim + 1, *spatial),
+        rhs_spec=(ndim + 1, ndim, *range(ndim)),
+        out_spec=(0, ndim + 1, *spatial),
+    )
+
+
+def one_batch_axis(conv: Callable[[jax.Array], jax.Array], x: jax.Array, ndim: int) -> jax.Array:
+    """``conv`` (which takes exactly one batch axis, as lax does) applied to ``x`` with any
+    number of them: several are flattened, and one is added when there is none."""
+    batch = x.shape[: x.ndim - ndim - 1]
+    if len(batch) == 1:
+        return conv(x)
+    y = conv(jnp.reshape(x, (math.prod(batch), *x.shape[len(batch) :])))
+    return jnp.reshape(y, (*batch, *y.shape[1:]))
 
 
 def at_least_float32(dtype: Any) -> jnp.dtype:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -32,20 +31,10 @@ from metoryx.nn._compute import (
     add_bias,
     cast,
     compute_dtype,
+    conv_dimension_numbers,
     layer_dtype,
+    one_batch_axis,
 )
-
-
-def conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
-    """Channels-last input and output, kernel ``(*spatial, in, out)``: XLA reads these
-    layouts directly, so no transpose is traced."""
-    spatial = tuple(range(1, ndim + 1))
-    return lax.ConvDimensionNumbers(
-        lhs_spec=(0, ndim + 1, *spatial),
-        rhs_spec=(ndim + 1, ndim, *range(ndim)),
-        out_spec=(0, ndim + 1, *spatial),
-    )
-
 
 # The arguments Conv and ConvTranspose document alike (see fill_docstring).
 _SIZES_DOC = """
@@ -411,16 +400,6 @@ def _channels_last_input(layer: _Convolution, x: Any) -> jax.Array:
             f"PyTorch NCHW image), or build the layer with the right in_size/kernel_size."
         )
     return x
-
-
-def one_batch_axis(conv: Callable[[jax.Array], jax.Array], x: jax.Array, ndim: int) -> jax.Array:
-    """``conv`` (which takes exactly one batch axis, as lax does) applied to ``x`` with any
-    number of them: several are flattened, and one is added when there is none."""
-    batch = x.shape[: x.ndim - ndim - 1]
-    if len(batch) == 1:
-        return conv(x)
-    y = conv(jnp.reshape(x, (math.prod(batch), *x.shape[len(batch) :])))
-    return jnp.reshape(y, (*batch, *y.shape[1:]))
 
 
 def _transpose_crops(layer: ConvTranspose) -> list[tuple[int, int]]:
