@@ -269,9 +269,8 @@ BIG = textwrap.dedent(
 
 
 def test_a_ten_billion_parameter_model_is_summarised_without_its_weights():
-    done = subprocess.run(
-        [sys.executable, "-c", BIG], capture_output=True, text=True, timeout=300, check=True
-    )
+    done = subprocess.run([sys.executable, "-c", BIG], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     count, size, flops, peak_kib = done.stdout.split()
     assert int(count) == 10_000_000_000 and int(size) == 40_000_000_000
     assert float(flops) == 4 * 2 * 50_000 * 50_000 * 8
