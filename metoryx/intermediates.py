@@ -152,6 +152,8 @@ def capture(
     selected: dict[str, Module] = {}
     for path, module in snapshot.modules:
         key = "/".join(path)
+        if not key:  # the root: its output is apply_fn's own
+            continue
         if key not in selected and any(fnmatch.fnmatchcase(key, p) for p in output_patterns):
             selected[key] = module  # the first module at a path: a wrapper, not its layer
     unmatched = [p for p in output_patterns if not any(fnmatch.fnmatchcase(k, p) for k in selected)]
@@ -159,7 +161,8 @@ def capture(
         paths = sorted({"/".join(p) for p, _ in snapshot.modules} - {""})
         raise errors.LayerConfigError(
             f"mx.capture: no module has a path matching {unmatched}. The model's module paths "
-            f"are {paths[:40]}{' ...' if len(paths) > 40 else ''}."
+            f"are {paths[:40]}{' ...' if len(paths) > 40 else ''} (the model's own output is "
+            f"what apply_fn returns)."
         )
     for module in selected.values():
         hook_calls(module)

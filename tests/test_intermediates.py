@@ -242,6 +242,13 @@ def test_an_outputs_pattern_matching_no_module_lists_the_paths(net):
         mx.capture(apply_fn, outputs=["enc", "encoder"])
 
 
+def test_the_root_is_not_a_sub_module_to_capture(net):
+    # Its output is apply_fn's: a pattern naming only the root would capture nothing.
+    apply_fn, _ = net
+    with pytest.raises(errors.LayerConfigError, match=r"matching \[''\].*own output is what"):
+        mx.capture(apply_fn, outputs="")
+
+
 @pytest.mark.parametrize(
     "fn",
     [lambda a: jax.jit(a), lambda a: mx.init(Net()), lambda a: lambda *args: a(*args)],
