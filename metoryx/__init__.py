@@ -67,8 +67,8 @@ from metoryx.nn.recurrent import (
     StackedRNN,
 )
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
-from metoryx.surgery import modules, replace
 from metoryx.summary import Summary, SummaryRow, summary
+from metoryx.surgery import modules, replace
 from metoryx.tagging import freeze, tag, unfreeze, untag
 
 __version__ = "0.1.0"
