@@ -297,7 +297,12 @@ def _print(result: Summary) -> None:
     except ImportError:
         print(result)
         return
-    Console().print(result)
+    console = Console()
+    table = result.__rich__()
+    # Wider than the console, rich would fold every cell into a column of characters; a line
+    # the terminal wraps is easier to read, so the table keeps its natural width.
+    width = console.measure(table, options=console.options.update_width(1 << 16)).maximum
+    (console if width <= console.width else Console(width=width)).print(table)
 
 
 # ---------------------------------------------------------------------------------------------

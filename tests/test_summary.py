@@ -220,6 +220,15 @@ def test_rich_table(capsys):
     assert isinstance(table, Table) and table.row_count == 2  # the row and the totals
 
 
+def test_a_rich_table_wider_than_the_console_keeps_its_cells_whole(capsys):
+    pytest.importorskip("rich")
+    wide = mx.Sequential(mx.Dense(32, 64), mx.MLP(64, [128], 32), mx.LayerNorm(32))
+    mx.summary(wide, jnp.ones((2, 8, 32)))  # captured output: an 80-column console
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) > 80  # the terminal wraps the lines, not rich each cell
+    assert any("layers/1/layers/0" in line and "float32[2,8,128]" in line for line in lines)
+
+
 def test_errors_name_the_model_or_the_failing_call():
     with pytest.raises(mx.errors.ModuleStructureError, match="mx.summary expects an mx.Module"):
         mx.summary(lambda x: x, jnp.ones(3))
