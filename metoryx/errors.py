@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "ApplyContextError",
+    "CheckpointError",
     "FilterError",
     "ImmutableModuleError",
     "InputDtypeError",
@@ -332,6 +333,22 @@ class InputDtypeError(MetoryxError, TypeError):
         ...     apply_fn(init_fn(jax.random.key(0)), None, jnp.ones(3))
         ... except mx.errors.InputDtypeError as e:
         ...     print("integer" in str(e))
+        True
+    """
+
+
+class CheckpointError(MetoryxError, ValueError):
+    """A checkpoint file cannot be read: missing, truncated, corrupted, or of another format;
+    or a sharded checkpoint's index does not fit its shards. The message names the file.
+
+    Example:
+        >>> import metoryx as mx
+        >>> from metoryx.interop.safetensors_files import read_state_dict
+        >>> try:
+        ...     with read_state_dict("no/such/model.safetensors"):
+        ...         pass
+        ... except mx.errors.CheckpointError as e:
+        ...     print("no such file" in str(e))
         True
     """
 
