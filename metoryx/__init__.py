@@ -67,6 +67,7 @@ from metoryx.nn.recurrent import (
     StackedRNN,
 )
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
+from metoryx.precision import Policy, set_precision
 from metoryx.summary import Summary, SummaryRow, summary
 from metoryx.surgery import modules, replace
 from metoryx.tagging import freeze, tag, unfreeze, untag
@@ -97,6 +98,7 @@ __all__ = [
     "PRNGKeys",
     "PReLU",
     "Parameter",
+    "Policy",
     "RMSNorm",
     "RNN",
     "Repeat",
@@ -158,6 +160,7 @@ __all__ = [
     "rotary_frequencies",
     "scan",
     "selu",
+    "set_precision",
     "set_training",
     "sigmoid",
     "silu",

@@ -156,7 +156,7 @@ def replace(model: Module, where: Where, fn: Callable[[Path, Any], Module]) -> M
         >>> mx.init(new_head)(jax.random.key(0))["params"]["head"]["kernel"].shape
         (8, 5)
     """
-    matches = _matcher(where)
+    matches = where_matcher(where)
     _check_callable("fn", fn, "fn(path, module) -> new_module")
     tree = walk(model)
     memo = tree.copy_memo()
@@ -171,7 +171,7 @@ def replace(model: Module, where: Where, fn: Callable[[Path, Any], Module]) -> M
         # Every later copy of the model that reaches ``module`` now puts ``new`` there.
         memo[id(module)] = new
     if not handed:
-        raise _nothing_matched(where, tree.modules)
+        raise nothing_matched(where, tree.modules)
     result = copy.deepcopy(model, memo)
     walk(result)  # a replacement that breaks the tree is named here, not at mx.transform
     return result
@@ -192,12 +192,13 @@ def _module_classes(value: Any) -> tuple[builtins.type[Module], ...]:
     )
 
 
-def _matcher(where: Any) -> Callable[[Path, Module], bool]:
-    """``where`` of :func:`replace` as a predicate ``(path, module) -> bool``."""
+def where_matcher(where: Any, caller: str = "mx.replace") -> Callable[[Path, Module], bool]:
+    """``where`` of :func:`replace` (or of ``caller``, which takes the same forms) as a
+    predicate ``(path, module) -> bool``."""
     if isinstance(where, str):
         problem = glob_problem(where)
         if problem:
-            raise errors.LayerConfigError(f"mx.replace: `where` is not a path glob: {problem}.")
+            raise errors.LayerConfigError(f"{caller}: `where` is not a path glob: {problem}.")
         match_path = glob_matcher(where)
         return lambda path, module: match_path(path)
     if isinstance(where, tuple) or isinstance(where, builtins.type):
@@ -205,21 +206,21 @@ def _matcher(where: Any) -> Callable[[Path, Module], bool]:
         if classes and all(_is_module_class(c) for c in classes):
             return lambda path, module: isinstance(module, classes)
     elif callable(where) and not isinstance(where, Module):
-        _check_callable("where", where, "where(path, module) -> bool")
-        return _checked_predicate(where)
+        _check_callable("where", where, "where(path, module) -> bool", caller)
+        return _checked_predicate(where, caller)
     raise errors.LayerConfigError(
-        f"mx.replace: `where` must be a module class (mx.BatchNorm) or a tuple of them, a path "
+        f"{caller}: `where` must be a module class (mx.BatchNorm) or a tuple of them, a path "
         f"glob ('head', 'blocks/*/attn') or a predicate `lambda path, module: ...`, got "
         f"{_shown(where)}.{_instance_hint(where)}"
     )
 
 
-def _checked_predicate(where: Callable[..., Any]) -> Callable[[Path, Module], bool]:
+def _checked_predicate(where: Callable[..., Any], caller: str) -> Callable[[Path, Module], bool]:
     def matches(path: Path, module: Module) -> bool:
         answer = where(path, module)
         if not isinstance(answer, (bool, np.bool_)):
             raise errors.LayerConfigError(
-                f"mx.replace: the `where` predicate returned {_shown(answer)} for the "
+                f"{caller}: the `where` predicate returned {_shown(answer)} for the "
                 f"{type(module).__name__} at {path_str(path)!r}; it must return True or False "
                 f"(e.g. `lambda path, m: isinstance(m, mx.Dense) and path[0] == 'encoder'`)."
             )
@@ -228,7 +229,7 @@ def _checked_predicate(where: Callable[..., Any]) -> Callable[[Path, Module], bo
     return matches
 
 
-def _check_callable(name: str, value: Any, signature: str) -> None:
+def _check_callable(name: str, value: Any, signature: str, caller: str = "mx.replace") -> None:
     """``value`` must be a function taking ``(path, module)``; a class is one only if it makes
     modules (``type(...)`` of anything else could never return one)."""
     problem = None
@@ -245,7 +246,7 @@ def _check_callable(name: str, value: Any, signature: str) -> None:
             pass
     if problem:
         raise errors.LayerConfigError(
-            f"mx.replace: `{name}` must be a function `{signature}`, got {_shown(value)}, "
+            f"{caller}: `{name}` must be a function `{signature}`, got {_shown(value)}, "
             f"which {problem}.{_instance_hint(value)}"
         )
 
@@ -283,7 +284,11 @@ def _not_a_module(path: Path, module: Module, new: Any) -> errors.ReplacementErr
     )
 
 
-def _nothing_matched(where: Any, found: list[tuple[Path, Module]]) -> errors.NoMatchError:
+def nothing_matched(
+    where: Any, found: list[tuple[Path, Module]], caller: str = "mx.replace"
+) -> errors.NoMatchError:
+    """The NoMatchError of a ``where`` (as :func:`where_matcher` reads it) that picked none of
+    the modules ``found``, with the near misses: the closest paths, or the classes held."""
     counts = Counter(builtins.type(m).__name__ for _, m in found)
     held = ", ".join(f"{name} ({n})" for name, n in counts.items())
     if isinstance(where, str):
@@ -303,6 +308,6 @@ def _nothing_matched(where: Any, found: list[tuple[Path, Module]]) -> errors.NoM
         names = " or ".join(c.__name__ for c in classes)
         why = f"no module is a {names}; the model holds {held}"
     return errors.NoMatchError(
-        f"mx.replace: `where` matched nothing: {why}. mx.modules(model) lists every module "
+        f"{caller}: `where` matched nothing: {why}. mx.modules(model) lists every module "
         f"with its path."
     )

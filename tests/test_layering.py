@@ -31,6 +31,7 @@ RANKS = {
     "metoryx.nn": 5,
     "metoryx.interop": 6,
     "metoryx.lora": 6,
+    "metoryx.precision": 6,  # a capability over nn/ (the normalizations it keeps) and surgery
     "metoryx": 7,  # the public face: __init__.py alone
 }
 
