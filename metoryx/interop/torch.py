@@ -4,15 +4,19 @@ A metoryx model whose attribute names mirror a ``torch.nn.Module``'s reads that 
 ``state_dict()`` with :func:`load_state_dict` and writes one with :func:`to_state_dict`. Each
 layer converts its own entries (``Dense`` transposes ``weight``, ``Conv`` moves the channel
 axes last, ``BatchNorm`` maps ``running_mean`` to its ``mean`` State, ...), as described in
-:mod:`metoryx.layout`. PyTorch is needed only to produce tensors in
-:func:`to_state_dict`; it is imported there and nowhere else in metoryx.
+:mod:`metoryx.layout`. The ``state_dict`` may also be a safetensors file on disk, as Hugging
+Face ships pretrained weights (one file or shards), and :func:`save_state_dict` writes one:
+both go through the ``safetensors`` package, without PyTorch. PyTorch is needed only to produce
+tensors in :func:`to_state_dict`; it is imported there and nowhere else in metoryx.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,14 +26,15 @@ from metoryx._core.module import Module, iter_children
 from metoryx._core.paths import Path, flatten_variables, path_str, unflatten_variables
 from metoryx._core.tree import walk
 from metoryx._core.variables import Variable, numeric_dtype
+from metoryx.interop.safetensors_files import read_state_dict, write_state_dict
 from metoryx.layout import TorchConversion, torch_conversions
 
-__all__ = ["load_state_dict", "to_state_dict"]
+__all__ = ["load_state_dict", "save_state_dict", "to_state_dict"]
 
 
 def load_state_dict(
     model: Module,
-    state_dict: Mapping[str, Any],
+    state_dict: Mapping[str, Any] | str | os.PathLike[str],
     strict: bool = True,
     variables: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -39,9 +44,16 @@ def load_state_dict(
     converts its own entries to its variables' layout. Arrays are cast to each variable's
     dtype. Weights shared by two attributes (tied) are read from the first name.
 
+    The ``state_dict`` may also be a safetensors checkpoint on disk, as Hugging Face ships
+    them (``model.safetensors``, or the shards of ``model.safetensors.index.json``): it is
+    read with the ``safetensors`` package, tensor by tensor from a memory map, without
+    PyTorch (:mod:`metoryx.interop.safetensors_files`).
+
     Args:
         model: the definition-world model whose attribute names mirror the PyTorch module's.
-        state_dict: ``torch_module.state_dict()``: names to tensors (or NumPy arrays).
+        state_dict: ``torch_module.state_dict()``: names to tensors (or NumPy arrays); or the
+            path of a ``.safetensors`` file, of a sharded checkpoint's ``.index.json``, or of
+            a directory holding either (what ``save_pretrained`` writes).
         strict: if True, every entry the model expects must be present and no other entry
             may be. If False, unknown entries are ignored and variables without an entry
             keep their array from ``variables``.
@@ -58,6 +70,9 @@ def load_state_dict(
             architecture; with ``strict=False``, if a variable has neither an entry nor an
             array in ``variables``.
         VariableShapeError: listing every entry whose shape does not fit its variable.
+        VariableDtypeError: listing the entries the model reads that are no arrays of numbers.
+        CheckpointError: for a path, if the file is missing or no safetensors checkpoint.
+        ImportError: for a path, if the ``safetensors`` package is not installed.
 
     Example:
         >>> import numpy as np, metoryx as mx
@@ -66,26 +81,56 @@ def load_state_dict(
         >>> variables = load_state_dict(mx.Dense(3, 4), state_dict)   # (out, in) -> (in, out)
         >>> variables["params"]["kernel"].shape
         (3, 4)
+
+        From a file, as ``save_state_dict`` or Hugging Face's ``save_pretrained`` write it:
+
+        >>> import os, tempfile
+        >>> from metoryx.interop.torch import save_state_dict
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> save_state_dict(mx.Dense(3, 4), variables, path)
+        >>> load_state_dict(mx.Dense(3, 4), path)["params"]["kernel"].shape
+        (3, 4)
     """
     strict = bool_argument("load_state_dict", "strict", strict)
-    _check_mapping("load_state_dict", "state_dict", state_dict, "torch_module.state_dict()")
     if variables is not None:
         _check_mapping("load_state_dict", "variables", variables, "init_fn(key)")
+    if isinstance(state_dict, (str, os.PathLike)):
+        with read_state_dict(state_dict) as entries:
+            return _load(model, entries, strict, variables)
+    _check_mapping("load_state_dict", "state_dict", state_dict, "torch_module.state_dict()")
+    return _load(model, state_dict, strict, variables)
+
+
+def _load(
+    model: Module,
+    given: Mapping[str, Any],
+    strict: bool,
+    variables: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`load_state_dict` of a mapping whose entries are read (converted, cast, copied to
+    JAX) one conversion at a time: a checkpoint on disk is never in memory twice."""
     layout = _Layout(model)
-    given = {name: _as_numpy(value) for name, value in state_dict.items()}
-    _check_entries(given, layout.torch_keys())
     expected = layout.torch_keys()
+    _check_names(list(given))
     missing = [name for name in expected if name not in given]
     unexpected = [name for name in given if name not in expected]
 
-    values: dict[Path, np.ndarray] = {}
+    values: dict[Path, jax.Array] = {}
     wrong: list[str] = []
+    not_numbers: list[str] = []
     for conversion, paths in layout.entries:
         if any(name not in given for name in conversion.torch_keys) or not paths:
             continue
         if all(path in values for path in paths):  # a tied weight, read at its first name
             continue
-        inputs = [given[name] for name in conversion.torch_keys]
+        inputs = [_as_numpy(given[name]) for name in conversion.torch_keys]
+        if any(numeric_dtype(a.dtype) is None for a in inputs):
+            not_numbers += [
+                f"{name} ({a.dtype})"
+                for name, a in zip(conversion.torch_keys, inputs, strict=True)
+                if numeric_dtype(a.dtype) is None
+            ]
+            continue
         try:
             arrays = conversion.to_metoryx(*inputs)
         except Exception:
@@ -96,7 +141,16 @@ def load_state_dict(
             wrong.append(layout.shape_report(conversion, paths, inputs))
             continue
         for path, array in zip(paths, arrays, strict=True):
-            values.setdefault(path, array)
+            # A copy: on CPU jnp.asarray may alias a NumPy buffer, here the torch module's
+            # own storage, which PyTorch updates in place (running statistics, optimizers).
+            if path not in values:
+                values[path] = jnp.array(array, dtype=layout.variables[path].dtype)
+    if not_numbers:
+        raise errors.VariableDtypeError(
+            f"load_state_dict: these entries are not arrays of numbers: "
+            f"{', '.join(not_numbers)}. Pass tensors or arrays, as torch_module.state_dict() "
+            f"holds."
+        )
     if wrong:
         raise errors.VariableShapeError(
             "load_state_dict: these entries do not fit the model's variables:\n  "
@@ -115,11 +169,9 @@ def load_state_dict(
             f"state_dict and no array in `variables`: {', '.join(map(path_str, unfilled))}. "
             f"Pass variables=init_fn(key) to start them from their initializers."
         )
-    # Copies: on CPU jnp.asarray may alias a NumPy buffer, here the torch module's own
-    # storage, which PyTorch updates in place (running statistics, optimizer steps).
     return unflatten_variables(
         {
-            path: jnp.array(values[path] if path in values else base[path], dtype=var.dtype)
+            path: values[path] if path in values else jnp.array(base[path], dtype=var.dtype)
             for path, var in layout.variables.items()
         }
     )
@@ -132,6 +184,7 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
     ``torch_module.load_state_dict(...)``. Entries PyTorch keeps and metoryx does not (such as
     BatchNorm's ``num_batches_tracked``) get a neutral value. The conversions are linear maps,
     so ``to_state_dict(model, grads)`` also lays out a gradient as PyTorch's ``.grad`` s.
+    :func:`save_state_dict` writes the same entries to a safetensors file, without PyTorch.
 
     Args:
         model: the definition-world model.
@@ -143,6 +196,8 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
     Raises:
         ImportError: if PyTorch is not installed.
         VariablesStructureError: listing the model's variables missing from ``variables``.
+        VariableDtypeError, VariableShapeError: listing the arrays of ``variables`` that are
+            no numbers, or not of their variables' shapes.
 
     Example:
         >>> import jax, metoryx as mx
@@ -152,13 +207,64 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
         >>> {name: tuple(t.shape) for name, t in state_dict.items()}
         {'weight': (4, 3), 'bias': (4,)}
     """
-    _check_mapping("to_state_dict", "variables", variables, "init_fn(key)")
+    arrays = _torch_arrays("to_state_dict", model, variables)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "metoryx.interop.torch.to_state_dict makes torch tensors and needs PyTorch: "
+            "pip install torch. To write a file without PyTorch, use save_state_dict."
+        ) from e
+    return {name: _as_tensor(torch, array) for name, array in arrays.items()}
+
+
+def save_state_dict(
+    model: Module,
+    variables: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes ``to_state_dict(model, variables)`` as a safetensors file, without PyTorch.
+
+    The file loads back with :func:`load_state_dict`, with ``safetensors.torch.load_file``
+    into the PyTorch module that ``model`` mirrors, and, named ``model.safetensors`` in a
+    directory with the model's ``config.json``, with ``transformers``'
+    ``from_pretrained``. Arrays keep their dtypes (bfloat16 included). The file is written
+    with the ``safetensors`` package (:mod:`metoryx.interop.safetensors_files`).
+
+    Args:
+        model: the definition-world model.
+        variables: its ``variables`` dict.
+        path: the file to write, e.g. ``"out/model.safetensors"``; an existing file is
+            replaced.
+        metadata: strings for the file's header, beside ``{"format": "pt"}``.
+
+    Raises:
+        ImportError: if the ``safetensors`` package is not installed.
+        VariablesStructureError, VariableDtypeError, VariableShapeError: as
+            :func:`to_state_dict`.
+
+    Example:
+        >>> import os, tempfile, jax, safetensors.numpy, metoryx as mx
+        >>> from metoryx.interop.torch import save_state_dict
+        >>> model = mx.Dense(3, 4)
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+        >>> save_state_dict(model, mx.init(model)(jax.random.key(0)), path)
+        >>> {k: v.shape for k, v in sorted(safetensors.numpy.load_file(path).items())}
+        {'bias': (4,), 'weight': (4, 3)}
+    """
+    write_state_dict(path, _torch_arrays("save_state_dict", model, variables), metadata)
+
+
+def _torch_arrays(function: str, model: Module, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of :func:`to_state_dict` as NumPy arrays, in the model's attribute order."""
+    _check_mapping(function, "variables", variables, "init_fn(key)")
     layout = _Layout(model)
     flat = flatten_variables(variables)
     missing = [path_str(p) for p in layout.variables if p not in flat]
     if missing:
         raise errors.VariablesStructureError(
-            f"to_state_dict: `variables` lacks {len(missing)} of the model's variables: "
+            f"{function}: `variables` lacks {len(missing)} of the model's variables: "
             f"{', '.join(missing)}. Pass the dict that init_fn/apply_fn returned for this model."
         )
     arrays_of = {p: _as_numpy(flat[p]) for p in layout.variables}
@@ -174,22 +280,15 @@ def to_state_dict(model: Module, variables: Mapping[str, Any]) -> dict[str, Any]
         ]
         if wrong:
             raise error(
-                f"to_state_dict: these arrays of `variables` are not {kind}:\n  "
+                f"{function}: these arrays of `variables` are not {kind}:\n  "
                 + "\n  ".join(wrong)
                 + "\nPass the dict that init_fn/apply_fn returned for this model."
             )
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            "metoryx.interop.torch.to_state_dict makes torch tensors and needs PyTorch: "
-            "pip install torch."
-        ) from e
     result: dict[str, Any] = {}
     for conversion, paths in layout.entries:
         arrays = conversion.to_torch(*(arrays_of[p] for p in paths))
         for name, array in zip(conversion.torch_keys, arrays, strict=True):
-            result.setdefault(name, _as_tensor(torch, np.asarray(array)))
+            result.setdefault(name, np.asarray(array))
     return result
 
 
@@ -285,23 +384,12 @@ def _check_mapping(function: str, name: str, value: Any, example: str) -> None:
         )
 
 
-def _check_entries(given: dict[Any, Any], expected: Mapping[str, Any]) -> None:
-    """Entry names must be strs, and the entries the model reads arrays of numbers."""
-    not_str = [name for name in given if not isinstance(name, str)]
+def _check_names(names: list[Any]) -> None:
+    not_str = [name for name in names if not isinstance(name, str)]
     if not_str:
         raise errors.VariablesStructureError(
             f"load_state_dict: entry names must be strs such as 'fc.weight', as PyTorch writes "
             f"them; got {not_str[:5]!r}. Pass torch_module.state_dict() or a dict like it."
-        )
-    bad = [
-        f"{name} ({given[name].dtype})"
-        for name in expected
-        if name in given and numeric_dtype(given[name].dtype) is None
-    ]
-    if bad:
-        raise errors.VariableDtypeError(
-            f"load_state_dict: these entries are not arrays of numbers: {', '.join(bad)}. "
-            f"Pass tensors or arrays, as torch_module.state_dict() holds."
         )
 
 

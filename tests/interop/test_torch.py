@@ -342,7 +342,8 @@ def test_a_key_that_would_name_two_layers_alike_is_refused_both_ways(key):
         to_state_dict(Clash(), {})
 
 
-@pytest.mark.parametrize("state_dict", [[("weight", np.ones((4, 3)))], None, "weight"])
+# A str is the path of a safetensors file (tests/interop/test_safetensors_files.py).
+@pytest.mark.parametrize("state_dict", [[("weight", np.ones((4, 3)))], None, 3])
 def test_a_state_dict_that_is_no_dict_is_refused(state_dict):
     with pytest.raises(mx.errors.VariablesStructureError, match="`state_dict` must be a dict"):
         load_state_dict(mx.Dense(3, 4), state_dict)
