@@ -58,6 +58,35 @@ def load_data():
     return train_test_split(images, labels, test_size=0.2, stratify=labels, random_state=0)
 
 
+def make_steps(apply_fn, optimizer):
+    """The jitted training step (Adam on the params, dropout on) and test accuracy."""
+
+    @jax.jit
+    def train_step(variables, opt_state, rng, x, y):
+        def loss_fn(params):
+            logits, new_variables = apply_fn(
+                {**variables, "params": params}, rng, x, is_training=True
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, new_variables
+
+        (loss, new_variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            variables["params"]
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
+        params = optax.apply_updates(variables["params"], updates)
+        # new_variables carries the updated non-trainable collections (none in this model;
+        # BatchNorm's running statistics would be there); the new params come from optax.
+        return {**new_variables, "params": params}, opt_state, loss
+
+    @jax.jit
+    def accuracy(variables, x, y):
+        logits, _ = apply_fn(variables, None, x)  # is_training=False: no dropout, no key
+        return jnp.mean(jnp.argmax(logits, axis=-1) == y)
+
+    return train_step, accuracy
+
+
 def main():
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/digits"), help="output directory")
@@ -86,28 +115,7 @@ def main():
     optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, args.epochs * steps_per_epoch))
     opt_state = optimizer.init(variables["params"])
 
-    @jax.jit
-    def train_step(variables, opt_state, rng, x, y):
-        def loss_fn(params):
-            logits, new_variables = apply_fn(
-                {**variables, "params": params}, rng, x, is_training=True
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, new_variables
-
-        (loss, new_variables), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables["params"]
-        )
-        updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
-        params = optax.apply_updates(variables["params"], updates)
-        # new_variables carries the updated non-trainable collections (none in this model;
-        # BatchNorm's running statistics would be there); the new params come from optax.
-        return {**new_variables, "params": params}, opt_state, loss
-
-    @jax.jit
-    def accuracy(variables, x, y):
-        logits, _ = apply_fn(variables, None, x)  # is_training=False: no dropout, no key
-        return jnp.mean(jnp.argmax(logits, axis=-1) == y)
+    train_step, accuracy = make_steps(apply_fn, optimizer)
 
     history = {"train_loss": [], "test_accuracy": []}
     progress = tqdm(range(1, args.epochs + 1), desc="train", unit="epoch")
