@@ -68,6 +68,7 @@ from metoryx.nn.recurrent import (
 )
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
 from metoryx.precision import Policy, set_precision
+from metoryx.saving import load, save
 from metoryx.summary import Summary, SummaryRow, summary
 from metoryx.surgery import modules, replace
 from metoryx.tagging import freeze, tag, unfreeze, untag
@@ -142,6 +143,7 @@ __all__ = [
     "layout",
     "leaky_relu",
     "lift",
+    "load",
     "log_sigmoid",
     "log_softmax",
     "lora",
@@ -158,6 +160,7 @@ __all__ = [
     "relu6",
     "replace",
     "rotary_frequencies",
+    "save",
     "scan",
     "selu",
     "set_precision",

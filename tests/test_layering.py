@@ -25,6 +25,7 @@ RANKS = {
     "metoryx.intermediates": 3,
     "metoryx.filters": 3,
     "metoryx.surgery": 3,
+    "metoryx.saving": 3,  # files: over the core (variable_info), below the layers
     "metoryx.tagging": 4,
     "metoryx.lift": 4,
     "metoryx.summary": 4,  # a capability over the core and intermediates
