@@ -261,15 +261,15 @@ def _encode(node: Any, path: Path, tensors: dict[str, np.ndarray[Any, Any]], tar
     if _is_leaf(node):
         return _encode_leaf(node, path, tensors)
     if isinstance(node, Mapping):
-        keys: list[Any] = list(node)  # pyright: ignore[reportUnknownArgumentType]
+        keys: list[Any] = list(node)
         children = [(_part(k, path, target), node[k]) for k in keys]
         record: dict[str, Any] = {"kind": "dict", "keys": keys}
     elif isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a NamedTuple
-        fields = list(type(node)._fields)  # pyright: ignore[reportUnknownArgumentType, reportUnknownMemberType, reportAttributeAccessIssue]
+        fields: list[str] = list(type(node)._fields)  # pyright: ignore[reportAttributeAccessIssue]
         children = list(zip(fields, node, strict=True))
         record = {"kind": "namedtuple", "name": type(node).__name__, "keys": fields}
     elif isinstance(node, list | tuple):
-        children = [(str(i), child) for i, child in enumerate(node)]  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+        children = [(str(i), child) for i, child in enumerate(node)]
         record = {"kind": "list" if isinstance(node, list) else "tuple"}
     else:
         children = _node_children(node, path, target)
@@ -307,7 +307,7 @@ def _entry_key(entry: Any) -> Any:
 
 def _encode_leaf(leaf: Any, path: Path, tensors: dict[str, np.ndarray[Any, Any]]) -> Any:
     record: dict[str, Any] = {"kind": "array"}
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         record = {"kind": "key", "impl": str(jax.random.key_impl(leaf))}
         leaf = jax.random.key_data(leaf)
     elif isinstance(leaf, bool | int | float | complex):
@@ -353,7 +353,7 @@ def _crc32(array: np.ndarray[Any, Any]) -> int:
     # CRC-32 (zlib, C speed, several GB/s): it catches every burst of up to 32 flipped bits
     # and all but 2**-32 of other damage. Corruption on disk or in transfer is the threat, not
     # an attacker (who could rewrite the checksum too), so a cryptographic hash would only cost.
-    return zlib.crc32(array.reshape(-1).view(np.uint8))
+    return zlib.crc32(array.reshape(-1).view(np.uint8).data)
 
 
 def _write_atomically(target: str, write: Callable[[str], None]) -> None:
@@ -502,17 +502,19 @@ class _Reader:
         name = "/".join(leaf.path)
         tensor = self.tensors[name]
         buffer = np.empty(tensor.nbytes, np.uint8)
-        view, done = memoryview(buffer), 0
+        view, done = buffer.data, 0
         while done < tensor.nbytes:  # preadv may return less than asked (2 GiB at most on Linux)
             n = os.preadv(self.file.fileno(), [view[done:]], tensor.start + done)
             if n == 0:
                 raise _damaged(self.source, f"{name} ends past the end of the file")
             done += n
-        if self.verify and zlib.crc32(buffer) != self.crcs[name]:
+        if self.verify and zlib.crc32(buffer.data) != self.crcs[name]:
             raise _damaged(self.source, f"the checksum of {name} differs: its bytes changed")
         array = buffer.view(tensor.dtype).reshape(tensor.shape)
         if leaf.impl is not None:
-            return jax.device_put(jax.random.wrap_key_data(array, impl=leaf.impl), sharding)
+            return jax.device_put(
+                jax.random.wrap_key_data(jnp.asarray(array), impl=leaf.impl), sharding
+            )
         if sharding is None and jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:
             return array  # 64-bit while jax_enable_x64 is off: a jax.Array would be cast
         # On CPU device_put keeps `buffer` as the array's storage: still one copy in memory.
