@@ -39,12 +39,14 @@ from metoryx.nn._arguments import check_number, check_rate, check_timescale, pos
 from metoryx.nn._compute import (
     DEFAULT_KERNEL_INIT,
     TRAINING_DOC,
+    at_least_float32,
     cast,
     compute_dtype,
     layer_dtype,
     layer_training,
     mode_repr,
 )
+from metoryx.nn.attention_layout import AttentionLayout, fused
 from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
 from metoryx.nn.positional import apply_rotary
@@ -73,9 +75,11 @@ def dot_product_attention(
     head ``n // (heads // kv_heads)``, as PyTorch's ``enable_gqa=True`` (``kv_heads == 1`` is
     multi-query attention). Without dropout this is ``jax.nn.dot_product_attention`` (leading
     batch axes merged into one); with dropout the same computation is written out, because
-    the attention weights must exist to be dropped. Logits and the softmax are computed in
-    float32 (float64 for float64 inputs), the products with the values in the computation
-    dtype.
+    the attention weights must exist to be dropped. The logits are computed in the
+    computation dtype (with float32 accumulation), the softmax in at least float32: bfloat16
+    and float16 logits are cast up for the softmax alone and its weights back down, so the
+    score matrix is never held in float32 outside it (as Flax and PyTorch's math kernel do).
+    The products with the values are in the computation dtype.
 
     A query whose keys are all masked out gets the mean of all values (JAX's convention),
     not NaN as in PyTorch.
@@ -158,7 +162,7 @@ def dot_product_attention(
             f"{query.dtype}, {key.dtype} and {value.dtype}. Cast them, or pass "
             f"dtype=jnp.float32 to compute in floating point."
         )
-    logits_dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    logits_dtype = np.dtype(dtype)
     if mask is not None:
         mask = _logits_shaped("mask", _as_array("mask", mask), lead, heads, t, s)
         if mask.dtype != jnp.bool_:
@@ -182,7 +186,7 @@ def dot_product_attention(
         is_causal = False
     merged = (-1,) if lead else (1,)
     q, k, v = (cast(a, dtype).reshape(merged + a.shape[len(lead) :]) for a in (query, key, value))
-    if rate == 0.0:
+    if rate == 0.0 and dtype.itemsize >= 4:
         # JAX promotes bfloat16 to float32 logits implicitly, which strict promotion forbids.
         with jax.numpy_dtype_promotion("standard"):
             out = jax.nn.dot_product_attention(
@@ -331,7 +335,8 @@ def _attention_with_dropout(
     rng: jax.Array | None,
 ) -> jax.Array:
     """What ``jax.nn.dot_product_attention`` computes on ``(B, T, N, H)`` inputs, with dropout
-    on the attention weights. Query heads are grouped ``(kv_heads, group)``."""
+    on the attention weights (none when ``rate`` is 0), and logits in ``logits_dtype`` (JAX's
+    are float32 for half-precision inputs). Query heads are grouped ``(kv_heads, group)``."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     group = n // kv_heads
@@ -351,8 +356,9 @@ def _attention_with_dropout(
         logits = logits + grouped(bias)
     if mask is not None:
         logits = jnp.where(grouped(mask), logits, np.finfo(logits_dtype).min)
-    weights = cast(jax.nn.softmax(logits, axis=-1), v.dtype)
-    weights = dropout(weights, rate, is_training=True, rng=rng)
+    weights = cast(jax.nn.softmax(cast(logits, at_least_float32(logits_dtype)), axis=-1), v.dtype)
+    if rate > 0.0:
+        weights = dropout(weights, rate, is_training=True, rng=rng)
     return jnp.einsum("bkgts,bskh->btkgh", weights, v).reshape(b, t, n, v.shape[-1])
 
 
@@ -465,7 +471,9 @@ class MultiHeadAttention(Module):
     ``in_proj_weight``/``in_proj_bias`` (or ``q_proj_weight``, ``k_proj_weight``,
     ``v_proj_weight`` when ``kdim``/``vdim`` differ from ``embed_dim``) and ``out_proj``.
     Its ``bias_k``/``bias_v`` (``add_bias_kv=True``) and ``add_zero_attn`` have no
-    counterpart here.
+    counterpart here. ``torch_layout=AttentionLayout(...)`` reads the layouts of Hugging Face
+    models instead: separate query/key/value/output ``Linear`` s (BERT, Llama, Mistral,
+    grouped-query attention included) or GPT-2's fused ``c_attn``.
 
     Args:
         num_heads: the number of query heads.
@@ -480,6 +488,8 @@ class MultiHeadAttention(Module):
         dropout_rate: the probability of dropping an attention weight in training.
         rotary: a :class:`RotaryEmbedding` to rotate queries and keys by their positions, or
             None.
+        torch_layout: an :class:`AttentionLayout` naming the projections in a PyTorch
+            ``state_dict`` (a Hugging Face model's); None for ``torch.nn.MultiheadAttention``'s.
         kernel_init: initializer of the four kernels.
         bias_init: initializer of the four biases.
         dtype: the computation dtype (None: inferred from inputs and parameters).
@@ -523,6 +533,7 @@ class MultiHeadAttention(Module):
         use_bias: bool = True,
         dropout_rate: float = 0.0,
         rotary: RotaryEmbedding | None = None,
+        torch_layout: AttentionLayout | None = None,
         kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         bias_init: Initializer = initializers.zeros,
         dtype: Any = None,
@@ -558,6 +569,13 @@ class MultiHeadAttention(Module):
         self.dropout_rate = check_rate(name, "dropout_rate", dropout_rate)
         self.use_bias = bool_argument("MultiHeadAttention", "use_bias", use_bias)
         self.rotary = rotary
+        if torch_layout is not None and not isinstance(torch_layout, AttentionLayout):
+            raise errors.LayerConfigError(
+                f"{name}: `torch_layout` must be an AttentionLayout or None, got "
+                f"{torch_layout!r:.60}. Pass e.g. torch_layout=AttentionLayout(query='q_proj', "
+                f"key='k_proj', value='v_proj', out='o_proj')."
+            )
+        self.torch_layout = torch_layout
         self.dtype = layer_dtype("MultiHeadAttention", dtype)
         self.param_dtype = param_dtype
         kv_size = self.num_kv_heads * self.head_dim
@@ -641,12 +659,26 @@ class MultiHeadAttention(Module):
 
     def torch_conversions(self) -> list[TorchConversion]:
         """``torch.nn.MultiheadAttention(embed_dim=in_size, num_heads, kdim=key_size,
-        vdim=value_size, bias=use_bias, batch_first=True)``'s ``state_dict`` layout.
+        vdim=value_size, bias=use_bias, batch_first=True)``'s ``state_dict`` layout, or that of
+        ``torch_layout``.
 
         Raises:
-            LayerConfigError: if the layer has no PyTorch twin: grouped-query attention, or
-                ``qkv_size``/``out_size`` other than ``in_size``.
+            LayerConfigError: without ``torch_layout``, if the layer has no
+                ``torch.nn.MultiheadAttention`` twin: grouped-query attention, or
+                ``qkv_size``/``out_size`` other than ``in_size``. With a fused ``qkv``
+                layout, if ``key_size`` or ``value_size`` differs from ``in_size``.
         """
+        layout = self.torch_layout
+        if layout is not None:
+            if layout.qkv is not None and not self.key_size == self.value_size == self.in_size:
+                raise errors.LayerConfigError(
+                    f"{module_label(self)}: the fused projection {layout.qkv!r} has one input "
+                    f"size for queries, keys and values, but this layer has in_size="
+                    f"{self.in_size}, key_size={self.key_size}, value_size={self.value_size}. "
+                    f"Use separate projections (AttentionLayout(query=..., key=..., value=...))."
+                )
+            kv_size = self.num_kv_heads * self.head_dim
+            return layout.conversions(self.qkv_size, kv_size, self.use_bias) + self._cache_only()
         torch_sizes = {self.in_size, self.qkv_size, self.out_size}
         if self.num_kv_heads != self.num_heads or len(torch_sizes) > 1:
             raise errors.LayerConfigError(
@@ -654,30 +686,36 @@ class MultiHeadAttention(Module):
                 f"for the query input, the projections and the output, and as many key/value "
                 f"heads as query heads; this layer has in_size={self.in_size}, qkv_size="
                 f"{self.qkv_size}, out_size={self.out_size}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, so it has no PyTorch state_dict. Convert "
-                f"its query/key/value/out Dense layers one by one instead."
+                f"num_kv_heads={self.num_kv_heads}. For a Hugging Face model's separate "
+                f"projections, pass torch_layout=AttentionLayout(query=..., key=..., "
+                f"value=..., out=...)."
             )
         names = ("query", "key", "value")
+        sizes = (self.in_size,) * 3
         if self.key_size == self.value_size == self.in_size:
-            kernels = [_fused("in_proj_weight", [f"{n}/kernel" for n in names], transpose=True)]
+            kernels = [fused("in_proj_weight", [f"{n}/kernel" for n in names], sizes, True)]
         else:
             kernels = [transposed(f"{n[0]}_proj_weight", f"{n}/kernel", (1, 0)) for n in names]
         result = [*kernels, transposed("out_proj.weight", "out/kernel", (1, 0))]
         if self.use_bias:
             result += [
-                _fused("in_proj_bias", [f"{n}/bias" for n in names], transpose=False),
+                fused("in_proj_bias", [f"{n}/bias" for n in names], sizes, False),
                 same("out_proj.bias", "out/bias"),
             ]
-        if self.cached_key is not None:  # no PyTorch entry: a loaded model starts it empty
-            result += [
-                metoryx_only(name, np.zeros(state.shape, state.dtype))
-                for name, state in [
-                    ("cached_key", self.cached_key),
-                    ("cached_value", self.cached_value),
-                    ("cache_index", self.cache_index),
-                ]
+        return result + self._cache_only()
+
+    def _cache_only(self) -> list[TorchConversion]:
+        """The decoding cache, which has no PyTorch entry: a loaded model starts it empty."""
+        if self.cached_key is None:
+            return []
+        return [
+            metoryx_only(name, np.zeros(state.shape, state.dtype))
+            for name, state in [
+                ("cached_key", self.cached_key),
+                ("cached_value", self.cached_value),
+                ("cache_index", self.cache_index),
             ]
-        return result
+        ]
 
     def __call__(
         self,
@@ -849,16 +887,3 @@ def _check_rotary(rotary: Any, head_dim: int) -> None:
             f"pairs, but head_dim=qkv_size // num_heads={head_dim}. Use an even head_dim, or "
             f"RotaryEmbedding(rotary_dim=...) with an even rotary_dim of at most head_dim."
         )
-
-
-def _fused(torch_key: str, variables: list[str], transpose: bool) -> TorchConversion:
-    """PyTorch's ``in_proj``: the query, key and value rows stacked along axis 0."""
-
-    def to_metoryx(stacked: np.ndarray) -> tuple[np.ndarray, ...]:
-        parts = np.split(stacked, 3)
-        return tuple(p.T for p in parts) if transpose else tuple(parts)
-
-    def to_torch(*parts: np.ndarray) -> tuple[np.ndarray]:
-        return (np.concatenate([p.T for p in parts] if transpose else parts),)
-
-    return TorchConversion((torch_key,), tuple(variables), to_metoryx, to_torch)
