@@ -50,6 +50,7 @@ from metoryx.nn.activations import (
     tanh,
 )
 from metoryx.nn.attention import MultiHeadAttention, RotaryEmbedding, dot_product_attention
+from metoryx.nn.attention_layout import AttentionLayout
 from metoryx.nn.containers import MLP, Flatten, Identity, Lambda, Sequential
 from metoryx.nn.conv import Conv, ConvTranspose
 from metoryx.nn.dropout import Dropout, dropout
@@ -76,6 +77,7 @@ from metoryx.tagging import freeze, tag, unfreeze, untag
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionLayout",
     "BatchNorm",
     "Bidirectional",
     "Conv",

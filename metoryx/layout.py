@@ -41,6 +41,7 @@ from metoryx._core.variables import Variable
 
 __all__ = [
     "TorchConversion",
+    "fused",
     "metoryx_only",
     "same",
     "torch_conversions",
@@ -124,6 +125,37 @@ def transposed(torch_key: str, variable: str, axes: Sequence[int]) -> TorchConve
         lambda a: (np.transpose(a, axes),),
         lambda a: (np.transpose(a, inverse),),
     )
+
+
+def fused(
+    torch_key: str, variables: Sequence[str], sizes: Sequence[int], transpose: bool
+) -> TorchConversion:
+    """One entry holding several projections concatenated on its output axis.
+
+    With ``transpose`` the entry is a ``torch.nn.Linear``-style weight ``(sum(sizes), in)``
+    (``torch.nn.MultiheadAttention``'s ``in_proj_weight``), split on axis 0 and each part
+    transposed into an ``(in, size)`` kernel; without, it is split on its last axis as it is
+    (a bias, or a ``Conv1D`` weight ``(in, sum(sizes))``).
+
+    Example:
+        >>> import numpy as np
+        >>> import metoryx as mx
+        >>> qkv = mx.layout.fused("c_attn.weight", ["q", "k", "v"], (4, 2, 2), transpose=False)
+        >>> [a.shape for a in qkv.to_metoryx(np.zeros((3, 8)))]
+        [(3, 4), (3, 2), (3, 2)]
+    """
+    splits = list(np.cumsum(sizes)[:-1])
+    part: Callable[[np.ndarray], np.ndarray] = np.transpose if transpose else np.asarray
+
+    def to_metoryx(stacked: np.ndarray) -> tuple[np.ndarray, ...]:
+        if stacked.shape[0 if transpose else -1] != sum(sizes):
+            raise ValueError("the fused axis does not hold the projections")  # a shape report
+        return tuple(part(p) for p in np.split(stacked, splits, axis=0 if transpose else -1))
+
+    def to_torch(*parts: np.ndarray) -> tuple[np.ndarray]:
+        return (np.concatenate([part(p) for p in parts], axis=0 if transpose else -1),)
+
+    return TorchConversion((torch_key,), tuple(variables), to_metoryx, to_torch)
 
 
 def torch_only(torch_key: str, value: Any) -> TorchConversion:

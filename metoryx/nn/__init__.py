@@ -33,6 +33,7 @@ from metoryx.nn.activations import (
     tanh,
 )
 from metoryx.nn.attention import MultiHeadAttention, RotaryEmbedding, dot_product_attention
+from metoryx.nn.attention_layout import AttentionLayout
 from metoryx.nn.containers import MLP, Flatten, Identity, Lambda, Sequential
 from metoryx.nn.conv import Conv, ConvTranspose
 from metoryx.nn.dropout import Dropout, dropout
@@ -52,6 +53,7 @@ from metoryx.nn.recurrent import (
 from metoryx.nn.reparametrization import SpectralNorm, WeightNorm
 
 __all__ = [
+    "AttentionLayout",
     "BatchNorm",
     "Bidirectional",
     "Conv",

@@ -34,7 +34,7 @@ from metoryx._core.rng import key_argument
 from metoryx._core.variables import State
 from metoryx._docstrings import fill_docstring
 from metoryx.initializers import Initializer
-from metoryx.layout import TorchConversion, metoryx_only, same, transposed
+from metoryx.layout import TorchConversion, fused, metoryx_only, same, transposed
 from metoryx.nn._arguments import check_number, check_rate, check_timescale, positive_int
 from metoryx.nn._compute import (
     DEFAULT_KERNEL_INIT,
@@ -46,7 +46,7 @@ from metoryx.nn._compute import (
     layer_training,
     mode_repr,
 )
-from metoryx.nn.attention_layout import AttentionLayout, fused
+from metoryx.nn.attention_layout import AttentionLayout
 from metoryx.nn.dropout import dropout
 from metoryx.nn.linear import Dense
 from metoryx.nn.positional import apply_rotary
