@@ -47,6 +47,7 @@ _FORMAT, _TREE, _CRC32, _USER = (
     "metoryx.metadata",
 )
 _VERSION = "1"
+_ALIGN = 64
 
 
 def save(
@@ -501,7 +502,11 @@ class _Reader:
     def __call__(self, leaf: _Leaf, sharding: Any = None) -> Any:
         name = "/".join(leaf.path)
         tensor = self.tensors[name]
-        buffer = np.empty(tensor.nbytes, np.uint8)
+        # JAX's CPU client takes a 64-byte aligned host buffer as the array's storage instead of
+        # copying it (a copy would double the peak: measured 1.43x the data against 0.95x).
+        spare = np.empty(tensor.nbytes + _ALIGN, np.uint8)
+        start = -spare.ctypes.data % _ALIGN
+        buffer = spare[start : start + tensor.nbytes]
         view, done = buffer.data, 0
         while done < tensor.nbytes:  # preadv may return less than asked (2 GiB at most on Linux)
             n = os.preadv(self.file.fileno(), [view[done:]], tensor.start + done)
@@ -512,6 +517,7 @@ class _Reader:
             raise _damaged(self.source, f"the checksum of {name} differs: its bytes changed")
         array = buffer.view(tensor.dtype).reshape(tensor.shape)
         if leaf.impl is not None:
+            self.abstract(leaf)  # an impl that is no PRNG impl, or data of the wrong shape
             return jax.device_put(
                 jax.random.wrap_key_data(jnp.asarray(array), impl=leaf.impl), sharding
             )
