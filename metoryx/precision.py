@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -87,9 +87,20 @@ class Policy:
         return f"Policy({dtypes})"
 
 
+class _DtypePolicy(Protocol):
+    """What ``set_precision`` reads of a policy: also a ``jmp.Policy``."""
+
+    @property
+    def param_dtype(self) -> Any: ...
+    @property
+    def compute_dtype(self) -> Any: ...
+    @property
+    def output_dtype(self) -> Any: ...
+
+
 def set_precision(
     model: M,
-    policy: Policy,
+    policy: Policy | _DtypePolicy,
     where: Where | None = None,
     *,
     keep: tuple[type[Module], ...] = NORMALIZATIONS,
@@ -175,13 +186,15 @@ def set_precision(
         if "param_dtype" in vars(new):
             new.param_dtype = policy.param_dtype
     for _, module in picked:
-        new = memo[id(module)]
-        if not callable(new):  # a container without __call__ has no output to cast
-            continue
-        new.output_dtype = policy.output_dtype
-        if not getattr(type(new), "_mx_casts_output", False):
-            object.__setattr__(new, "__class__", _casting_class(type(new)))
+        if callable(module):  # a container without __call__ has no output to cast
+            _cast_output(memo[id(module)], policy.output_dtype)
     return result
+
+
+def _cast_output(module: Module, dtype: np.dtype[Any]) -> None:
+    module.output_dtype = dtype
+    if not getattr(type(module), "_mx_casts_output", False):
+        object.__setattr__(module, "__class__", _casting_class(type(module)))
 
 
 def _under_policy(module: Module, kept: tuple[type[Module], ...]) -> list[Module]:
@@ -198,7 +211,7 @@ def _under_policy(module: Module, kept: tuple[type[Module], ...]) -> list[Module
     return found
 
 
-def _follows(child: Any) -> bool:
+def _follows(child: Any) -> TypeGuard[Parameter]:
     """Whether a module's child is a parameter the policy's ``param_dtype`` applies to."""
     return isinstance(child, Parameter) and jnp.issubdtype(child.dtype, jnp.floating)
 
