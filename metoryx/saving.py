@@ -211,10 +211,15 @@ class _Tensor(NamedTuple):
 
 
 class _Leaf(NamedTuple):
-    """A leaf of the saved tree: its path, and the impl name for a typed PRNG key."""
+    """A leaf of the saved tree: its path, the impl name for a typed PRNG key, and the dtype
+    name and shape it was saved with. The CRC-32 covers the bytes alone: a header that calls
+    float32 bytes int32, or a (3, 4) tensor (4, 3), is caught by these (with verify=False too).
+    """
 
     path: Path
     impl: str | None
+    dtype: str
+    shape: tuple[int, ...]
 
 
 def _import_safetensors(caller: str) -> ModuleType:
@@ -316,6 +321,7 @@ def _encode_leaf(leaf: Any, path: Path, tensors: dict[str, np.ndarray[Any, Any]]
     array = np.asarray(leaf)
     # Little-endian and contiguous: the bytes safetensors writes are the bytes checksummed.
     tensors["/".join(path)] = array.astype(array.dtype.newbyteorder("<"), order="C", copy=False)
+    record["dtype"], record["shape"] = array.dtype.name, list(array.shape)
     return record
 
 
@@ -453,14 +459,19 @@ def _leaves(record: Any, path: Path, source: str) -> list[_Leaf]:
 def _walk(record: dict[str, Any], path: Path) -> Iterator[_Leaf]:
     kind = record["kind"]
     if kind in ("array", "key"):
-        if not path:
-            raise ValueError("a leaf at the root")
-        yield _Leaf(path, record["impl"] if kind == "key" else None)
+        yield _leaf(record, path)
     elif kind in ("dict", "namedtuple", "node", "list", "tuple"):
         for name, item in zip(_names(record), record["items"], strict=True):
             yield from _walk(item, (*path, name))
     elif kind != "none":
         raise ValueError(f"unknown kind {kind!r}")
+
+
+def _leaf(record: dict[str, Any], path: Path) -> _Leaf:
+    if not path:
+        raise ValueError("a leaf at the root")
+    impl = record["impl"] if record["kind"] == "key" else None
+    return _Leaf(path, impl, str(record["dtype"]), tuple(record["shape"]))
 
 
 def _names(record: dict[str, Any]) -> list[str]:
@@ -476,6 +487,14 @@ def _check_names(leaves: list[_Leaf], tensors: dict[str, _Tensor], crcs: Any, so
     names = ["/".join(leaf.path) for leaf in leaves]
     if sorted(names) != sorted(tensors) or not isinstance(crcs, dict) or set(crcs) != set(names):
         raise _damaged(source, "the tree record in its header names other tensors than it holds")
+    for leaf in leaves:
+        tensor = tensors["/".join(leaf.path)]
+        if (tensor.dtype.name, tensor.shape) != (leaf.dtype, leaf.shape):
+            raise _damaged(
+                source,
+                f"its header describes {path_str(leaf.path)} as {tensor.dtype.name}"
+                f"{list(tensor.shape)}, but it was saved as {leaf.dtype}{list(leaf.shape)}",
+            )
 
 
 class _Reader:
@@ -533,7 +552,7 @@ def _build(record: dict[str, Any], path: Path, read: _Reader, source: str) -> An
     if kind == "none":
         return None
     if kind in ("array", "key"):
-        return read(_Leaf(path, record.get("impl")))
+        return read(_leaf(record, path))
     names = _names(record)
     items = [
         _build(r, (*path, n), read, source) for n, r in zip(names, record["items"], strict=True)
