@@ -102,6 +102,12 @@ def save(
         )
     tensors: dict[str, np.ndarray[Any, Any]] = {}
     structure = _encode(tree, (), tensors, target)
+    if "__metadata__" in tensors:
+        raise errors.CheckpointError(
+            f"mx.save({target!r}): the top-level key '__metadata__' holds an array, but "
+            f"safetensors keeps that name for the header's metadata, so no reader could open "
+            f"the file. Rename the key, or nest the array one level deeper."
+        )
     _check_dtypes(safetensors, tensors, target)
     try:
         user = json.dumps(dict(metadata) if metadata is not None else None)
