@@ -5,8 +5,10 @@ or wrong arrays.
 The crash and fuzz loops run in child processes: a kill must hit a real writer, and a segfault
 must fail a test rather than end pytest. The children import this file for their code."""
 
+import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -15,11 +17,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import hypothesis.extra.numpy as hnp
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import metoryx as mx
 
@@ -44,6 +51,168 @@ def _bits(leaf) -> tuple[str, tuple[int, ...], bytes]:
 def _leaves(tree) -> tuple[object, list[tuple[str, tuple[int, ...], bytes]]]:
     flat, treedef = jax.tree_util.tree_flatten(tree)
     return treedef, [_bits(leaf) for leaf in flat]
+
+
+# ----------------------------------------------------------------------------------------------
+# Random trees.
+
+
+class Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+class AdamLike(NamedTuple):
+    count: Any
+    mu: Any
+    nu: Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Scaled:
+    value: Any
+    scale: Any
+
+
+DTYPES = [
+    ml_dtypes.bfloat16, np.float16, np.float32, np.float64, np.bool_, np.int8, np.int16,
+    np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64, np.complex64,
+    ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
+]  # fmt: skip
+
+
+def _special_bits(dtype: np.dtype) -> list[int]:
+    """Bit patterns that a cast or a canonicalization would change: NaNs with payloads (quiet
+    and signalling, either sign), infinities, -0.0, the smallest subnormal."""
+    bits = 8 * dtype.itemsize
+    sign, top = 1 << (bits - 1), (1 << bits) - 1
+    if (
+        dtype.kind != "f"
+        and dtype not in (np.dtype(ml_dtypes.bfloat16),)
+        and "float8" not in dtype.name
+    ):
+        return [0, 1, sign, top]
+    info = ml_dtypes.finfo(dtype)
+    exponent = ((1 << info.nexp) - 1) << info.nmant
+    quiet = 1 << (info.nmant - 1)
+    return [exponent | 1, exponent | quiet | 5 % quiet, sign | exponent | 2, exponent, sign, 1]
+
+
+@st.composite
+def _arrays(draw) -> Any:
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=3))
+    unit = np.dtype(np.float32) if dtype == np.complex64 else dtype  # complex: two float32s
+    count = math.prod(shape) * dtype.itemsize // unit.itemsize
+    if unit == np.bool_:
+        patterns = st.integers(0, 1)
+    else:
+        patterns = st.integers(0, (1 << 8 * unit.itemsize) - 1) | st.sampled_from(
+            _special_bits(unit)
+        )
+    bits = np.array(draw(st.lists(patterns, min_size=count, max_size=count)), f"u{unit.itemsize}")
+    array = bits.view(unit).view(dtype).reshape(shape)
+    # A jax.Array too, where JAX keeps the dtype (64 bits only under jax_enable_x64).
+    if jax.dtypes.canonicalize_dtype(dtype) == dtype and draw(st.booleans()):
+        return jnp.asarray(array)
+    return array
+
+
+_keys = st.text(
+    st.characters(exclude_characters="/", exclude_categories=["Cs"]), min_size=1, max_size=6
+) | st.sampled_from([".", "..", "a.b", "layer.0", "0", " ", "__metadata"])
+
+
+def _chain(keys_and_leaf: tuple[list[str], Any]) -> Any:
+    keys, leaf = keys_and_leaf
+    for key in reversed(keys):
+        leaf = {key: leaf}
+    return leaf
+
+
+def _containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(
+        st.dictionaries(_keys, children, max_size=4),
+        st.dictionaries(st.integers(0, 99), children, max_size=3),
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+        st.builds(Pair, children, children),
+        st.builds(AdamLike, children, children, children),
+        st.builds(Scaled, children, children),
+        st.tuples(st.lists(_keys, min_size=8, max_size=16), children).map(_chain),  # deep paths
+    )
+
+
+_trees = _containers(
+    st.recursive(
+        _arrays() | st.none() | st.builds(jax.random.key, st.integers(0, 9)),
+        _containers,
+        max_leaves=12,
+    )
+)
+
+
+def _as_saved(node: Any) -> Any:
+    """What mx.load gives back without like=: NamedTuples and dataclasses as dicts by field."""
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return {field: _as_saved(child) for field, child in zip(node._fields, node, strict=True)}
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return {f.name: _as_saved(getattr(node, f.name)) for f in dataclasses.fields(node)}
+    if isinstance(node, dict):
+        return {key: _as_saved(child) for key, child in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(_as_saved(child) for child in node)
+    return node
+
+
+def _assert_same(got: Any, want: Any, ordered: bool, path: str = "") -> None:
+    """Same containers (types, keys, in order if ``ordered``: through like= JAX rebuilds dicts
+    with sorted keys), bit-identical leaves of the documented types."""
+    if want is None:
+        assert got is None, path
+        return
+    if isinstance(want, dict | list | tuple) or dataclasses.is_dataclass(want):
+        assert type(got) is type(want), (path, type(got), type(want))
+        if isinstance(want, dict):
+            assert list(got) == list(want) if ordered else set(got) == set(want), path
+            pairs = [(str(k), got[k], want[k]) for k in want]
+        elif dataclasses.is_dataclass(want):
+            pairs = [
+                (f.name, getattr(got, f.name), getattr(want, f.name))
+                for f in dataclasses.fields(want)
+            ]
+        else:
+            assert len(got) == len(want), path
+            pairs = [(str(i), g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))]
+        for key, g, w in pairs:
+            _assert_same(g, w, ordered, f"{path}/{key}")
+        return
+    assert _bits(got) == _bits(want), path
+    # A jax.Array, except 64-bit leaves while jax_enable_x64 is off (JAX would cast them).
+    key = jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key)
+    x64 = not key and jax.dtypes.canonicalize_dtype(want.dtype) != want.dtype
+    assert isinstance(got, np.ndarray if x64 else jax.Array), (path, type(got))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=_trees)
+def test_random_trees_round_trip_bit_exactly(tmp_path_factory, tree):
+    path = tmp_path_factory.mktemp("tree") / "tree.safetensors"
+    mx.save(path, tree)
+    _assert_same(mx.load(path, like=tree), tree, ordered=False)
+    _assert_same(mx.load(path), _as_saved(tree), ordered=True)
+    _assert_same(mx.load(path, verify=False), _as_saved(tree), ordered=True)
+
+
+def test_an_array_named_like_the_safetensors_metadata_is_refused_before_writing(tmp_path):
+    path = tmp_path / "state.safetensors"
+    mx.save(path, {"w": np.ones(2, np.float32)})
+    with pytest.raises(mx.errors.CheckpointError, match="'__metadata__'"):
+        mx.save(path, {"__metadata__": np.zeros(2, np.float32)})
+    # Nested, the name is params/__metadata__: no clash.
+    mx.save(path, {"params": {"__metadata__": np.zeros(2, np.float32)}})
+    assert mx.load(path)["params"]["__metadata__"].shape == (2,)
 
 
 # ----------------------------------------------------------------------------------------------
