@@ -203,15 +203,16 @@ def test_bad_arguments_say_what_to_pass(arguments, message):
 # Attention: half-precision scores, float32 softmax
 
 
+@pytest.mark.parametrize("offset", [0, 2])  # 0: JAX's own top-left mask, 2: ours
 @pytest.mark.parametrize("dropout_rate", [0.0, 0.5])
-def test_attention_keeps_bfloat16_scores_and_runs_only_the_softmax_in_float32(dropout_rate):
+def test_attention_keeps_bfloat16_scores_and_runs_only_the_softmax_in_float32(dropout_rate, offset):
     q = jnp.sin(jnp.arange(2 * 5 * 4 * 8.0)).reshape(2, 5, 4, 8)
     kv = jnp.cos(jnp.arange(2 * 7 * 2 * 8.0)).reshape(2, 7, 2, 8)
 
     def attend(q, k, v):
         rng = jax.random.key(0)
         return mx.dot_product_attention(
-            q, k, v, is_causal=True, causal_offset=2, rng=rng, dropout_rate=dropout_rate
+            q, k, v, is_causal=True, causal_offset=offset, rng=rng, dropout_rate=dropout_rate
         )
 
     half = [a.astype(jnp.bfloat16) for a in (q, kv, kv)]

@@ -180,13 +180,15 @@ def dot_product_attention(
             )
         bias = cast(bias, logits_dtype)
     offset = _check_offset(causal_offset, is_causal, t, s)
-    if is_causal and (offset is not None or rate > 0.0):  # JAX knows top-left, no dropout
+    # JAX's function knows top-left causal masks, no dropout, and float32 logits only.
+    written_out = rate > 0.0 or dtype.itemsize < 4
+    if is_causal and (offset is not None or written_out):
         causal = _causal_mask(t, s, 0 if offset is None else offset)
         mask = causal if mask is None else jnp.logical_and(mask, causal)
         is_causal = False
     merged = (-1,) if lead else (1,)
     q, k, v = (cast(a, dtype).reshape(merged + a.shape[len(lead) :]) for a in (query, key, value))
-    if rate == 0.0 and dtype.itemsize >= 4:
+    if not written_out:
         # JAX promotes bfloat16 to float32 logits implicitly, which strict promotion forbids.
         with jax.numpy_dtype_promotion("standard"):
             out = jax.nn.dot_product_attention(
