@@ -250,13 +250,16 @@ def _is_leaf(node: Any) -> bool:
 def _part(key: Any, path: Path, target: str) -> str:
     """The path part of a container key, refused when a path could not hold it."""
     part = None if isinstance(key, bool) else key_str(key)
-    if part is None or not part or "/" in part:
+    unencodable = part is not None and not part.isascii() and not _utf8(part)
+    if part is None or not part or "/" in part or unencodable:
         what = (
             f"a {type(key).__name__} key"
             if part is None
             else "an empty key"
             if not part
-            else ("a key holding '/', which joins path parts")
+            else "a key holding '/', which joins path parts"
+            if "/" in part
+            else "a str that UTF-8 cannot encode (a lone surrogate), as the file's names are"
         )
         raise errors.CheckpointError(
             f"mx.save({target!r}): the key {key!r} under {path_str(path)} is {what}; tensor "
@@ -264,6 +267,14 @@ def _part(key: Any, path: Path, target: str) -> str:
             f"without '/'), or convert the tree before saving."
         )
     return part
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _encode(node: Any, path: Path, tensors: dict[str, np.ndarray[Any, Any]], target: str) -> Any:

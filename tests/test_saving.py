@@ -423,8 +423,19 @@ def test_a_missing_file_is_file_not_found(tmp_path):
         ({"c": np.ones(2, np.complex128)}, "complex128, which safetensors cannot store"),
         ({"i": jnp.ones(2, jnp.int4)}, "int4, which safetensors cannot store"),
         (np.ones(3), "a lone ndarray"),
+        ({"\ud800": np.ones(1)}, "UTF-8 cannot encode"),
     ],
-    ids=["slash", "empty", "tuple-key", "twins", "str-leaf", "complex128", "int4", "lone"],
+    ids=[
+        "slash",
+        "empty",
+        "tuple-key",
+        "twins",
+        "str-leaf",
+        "complex128",
+        "int4",
+        "lone",
+        "surrogate",
+    ],
 )
 def test_trees_that_a_file_cannot_hold_are_refused(path, tree, match):
     with pytest.raises(mx.errors.CheckpointError, match=match):
