@@ -93,7 +93,7 @@ def save(
         >>> sorted(safetensors.numpy.load_file(path))
         ['params/bias', 'params/kernel']
     """
-    safetensors = _import_safetensors("mx.save")
+    safetensors = import_safetensors("mx.save")
     target = os.fspath(path)
     if _is_leaf(tree):
         raise errors.CheckpointError(
@@ -192,7 +192,7 @@ def load(
         >>> bool((restored["params"]["kernel"] == variables["params"]["kernel"]).all())
         True
     """
-    safetensors = _import_safetensors("mx.load")
+    safetensors = import_safetensors("mx.load")
     source = os.fspath(path)
     with open(source, "rb") as file:
         tensors, meta = _read_header(safetensors, file, source)
@@ -228,7 +228,9 @@ class _Leaf(NamedTuple):
     shape: tuple[int, ...]
 
 
-def _import_safetensors(caller: str) -> ModuleType:
+def import_safetensors(caller: str) -> ModuleType:
+    """The ``safetensors`` package (with ``safetensors.numpy``), or an ImportError saying how
+    to install it; ``caller`` names what needs it. Shared with ``metoryx.interop``."""
     try:
         import safetensors
         import safetensors.numpy

@@ -476,3 +476,13 @@ def test_loading_200_mb_keeps_one_copy_in_memory(tmp_path):
     assert result.returncode == 0, result.stderr
     data = 200_000_000
     assert int(result.stdout) < 1.3 * data, f"peak {int(result.stdout) / data:.2f}x the data"
+
+
+def test_without_safetensors_the_error_says_how_to_install_it(path, monkeypatch):
+    for name in ("safetensors", "safetensors.numpy"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"mx.save .*pip install 'metoryx\[checkpoints\]'"):
+        mx.save(path, {"x": np.ones(1)})
+    advice = r"load_state_dict .*pip install 'metoryx\[checkpoints\]'"
+    with pytest.raises(ImportError, match=advice):
+        mx.interop.torch.load_state_dict(mx.Dense(1, 1), path)

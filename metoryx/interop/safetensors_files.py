@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from metoryx import errors
+from metoryx.saving import import_safetensors
 
 __all__ = ["read_state_dict", "write_state_dict"]
 
@@ -73,7 +74,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> Iterator[Mapping[str, np.nd
         ...     entries["bias"].tolist()
         [0.0, 0.0, 0.0]
     """
-    safetensors = _import_safetensors("read_state_dict")
+    safetensors = import_safetensors("metoryx.interop.torch.load_state_dict")
     files, shard_of = _checkpoint_files(Path(path))
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
@@ -122,7 +123,7 @@ def write_state_dict(
         >>> safetensors.numpy.load_file(path)["w"].tolist()
         [[1.0, 0.0], [0.0, 1.0]]
     """
-    safetensors = _import_safetensors("write_state_dict")
+    safetensors = import_safetensors("metoryx.interop.torch.save_state_dict")
     arrays = {name: np.ascontiguousarray(a) for name, a in state_dict.items()}
     header = {"format": "pt", **(metadata or {})}
     safetensors.numpy.save_file(arrays, os.fspath(path), metadata=header)
@@ -185,16 +186,3 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, Path] | None]:
             f"Download every shard of the checkpoint into {path.parent}."
         )
     return list(dict.fromkeys(shards.values())), shards
-
-
-def _import_safetensors(function: str) -> Any:
-    try:
-        import safetensors
-        import safetensors.numpy
-    except ImportError as e:
-        raise ImportError(
-            f"metoryx.interop: {function} reads and writes safetensors files with the "
-            f"safetensors package, which is not installed: pip install 'metoryx[checkpoints]' "
-            f"(or pip install safetensors). PyTorch is not needed."
-        ) from e
-    return safetensors
