@@ -8,6 +8,7 @@ accuracy. Started again with the same ``--dir``, it restores the latest checkpoi
 from there. Each step's batch and dropout key follow from the step number alone, so a run
 killed and resumed ends with the very same bits as a run never interrupted.
 
+    pip install 'metoryx[examples,checkpoints,orbax]'
     python examples/train_digits_resumable.py --dir out/run --steps 600
 
 ``--init-from FILE`` starts a new run from variables written by ``mx.save`` (fine-tuning);
