@@ -381,7 +381,7 @@ def _edit_header(path, edit):
                 ),
             },
         },  # b not named
-        lambda h: {**h, "__metadata__": {**h["__metadata__"], "metoryx.crc32": "[]"}},
+        lambda h: {**h, "__metadata__": {**h["__metadata__"], "metoryx.crc32c": "[]"}},
         lambda h: {
             **h,
             "__metadata__": {
@@ -486,3 +486,13 @@ def test_without_safetensors_the_error_says_how_to_install_it(path, monkeypatch)
     advice = r"load_state_dict .*pip install 'metoryx\[checkpoints\]'"
     with pytest.raises(ImportError, match=advice):
         mx.interop.torch.load_state_dict(mx.Dense(1, 1), path)
+
+
+def test_without_crc32c_the_error_says_how_to_install_it(path, monkeypatch):
+    mx.save(path, {"x": np.ones(1)})
+    monkeypatch.setitem(sys.modules, "crc32c", None)
+    with pytest.raises(ImportError, match=r"CRC-32C .*pip install 'metoryx\[checkpoints\]'"):
+        mx.save(path, {"x": np.ones(1)})
+    with pytest.raises(ImportError, match="crc32c"):
+        mx.load(path)
+    assert mx.load(path, verify=False)["x"].tolist() == [1.0]  # no checksum, no package needed
