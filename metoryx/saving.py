@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +49,7 @@ _FORMAT, _TREE, _CRC32C, _USER = (
 _VERSION = "1"
 _ALIGN = 64
 _PIECE = 1 << 20  # the bytes read and checksummed at a time: a slice of a CPU's L2/L3 cache
+_MAPPED = 1 << 20  # tensors from this size on are read into their own populated mapping
 
 
 def save(
@@ -529,6 +531,26 @@ def _check_names(leaves: list[_Leaf], tensors: dict[str, _Tensor], crcs: Any, so
             )
 
 
+def _host_buffer(nbytes: int) -> np.ndarray[Any, Any]:
+    """Fresh, 64-byte aligned bytes to read a tensor into.
+
+    JAX's CPU client takes an aligned host buffer as the array's storage instead of copying it
+    (a copy would double the peak: measured 1.43x the data against 0.95x). A large one is
+    mapped with its pages already in (Linux's MAP_POPULATE: one fault for the whole buffer
+    instead of one per 4 KiB page as the read fills it, 0.18 s less per GB here); the mapping
+    goes away with the array. The price: a second load in the same process cannot reuse the
+    pages the allocator kept from a first one (0.56 s per GB instead of 0.18 then); the first
+    load of a process, what starting or resuming a run waits for, is the one made fast.
+    """
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if populate is not None and nbytes >= _MAPPED:
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)  # page aligned
+    spare = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -spare.ctypes.data % _ALIGN
+    return spare[start : start + nbytes]
+
+
 class _Reader:
     """Reads one tensor at a time from the open file, checked, as the array to return."""
 
@@ -554,11 +576,7 @@ class _Reader:
     def __call__(self, leaf: _Leaf, sharding: Any = None) -> Any:
         name = "/".join(leaf.path)
         tensor = self.tensors[name]
-        # JAX's CPU client takes a 64-byte aligned host buffer as the array's storage instead of
-        # copying it (a copy would double the peak: measured 1.43x the data against 0.95x).
-        spare = np.empty(tensor.nbytes + _ALIGN, np.uint8)
-        start = -spare.ctypes.data % _ALIGN
-        buffer = spare[start : start + tensor.nbytes]
+        buffer = _host_buffer(tensor.nbytes)
         view, done, crc = buffer.data, 0, 0
         while done < tensor.nbytes:
             # In pieces the checksum reads while they are still in the CPU's cache (one pass over
