@@ -248,12 +248,17 @@ def summary(
     inputs = _Inputs(_abstract((args, kwargs)))
     request = Capture((), frozenset(), recorder)
     flops, nbytes = _lowered_costs(snapshot, _entry(snapshot), values, rngs, inputs, request)
+    owned = _owned_variables(snapshot)
+    slot_of = {id(bound): slot for slot, bound in enumerate(snapshot.variables)}
+    costs: dict[str, tuple[float, float]] = {}
     for call in recorder.calls:
-        call.xla = _lowered_costs(snapshot, call.module, call.values, rngs, call.inputs)
+        reads = [slot_of[id(bound)] for bound in owned.get(call.path, [])]
+        call.xla = _lowered_costs(
+            snapshot, call.module, call.values, rngs, call.inputs, None, reads, costs
+        )
     for call in recorder.top:
         _expand(call)
     flops, nbytes = _expanded(flops, nbytes, recorder.top)
-    owned = _owned_variables(snapshot)
     counts, sizes = _count_variables(snapshot.variables, frozenset())
     result = Summary(
         tuple(_row(call, owned) for call in recorder.calls), counts, sizes, flops, nbytes
@@ -429,6 +434,19 @@ def _abstract(tree: Any) -> Any:
 # Costs.
 
 
+class _Unread:
+    """What a slot holds in a call lowered with only its own variables: any use of it fails
+    (it is no array), and the call is lowered again with every variable."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(f"an unread slot has no {name!r}")
+
+
+_UNREAD = _Unread()
+
+
 def _lowered_costs(
     snapshot: Snapshot,
     fn: Callable[..., Any],
@@ -436,29 +454,57 @@ def _lowered_costs(
     rngs: Any,
     inputs: _Inputs,
     capture: Capture | None = None,
+    reads: list[int] | None = None,
+    costs: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[float, float]:
     """XLA's costs of ``fn`` (a module, or the model's method) on ``values`` and ``inputs``.
 
     ``values`` are the shapes of the frame's arrays, the model's or a loop body's; the
-    program returns the output and the State written, as ``apply_fn`` does.
+    program returns the output and the State written, as ``apply_fn`` does. ``reads``, when
+    given, are the slots the call is expected to read (its module's own variables): only they
+    become inputs of the lowered program, so that the lowering of one layer's call does not
+    grow with the size of the whole model. A call that reads any other slot (a weight tied to
+    a module elsewhere) finds an ``_Unread`` there, fails, and is lowered again with them all.
+    ``costs`` caches the costs by program, across the calls of one summary.
     """
+    costs = {} if costs is None else costs
 
-    def run(values: list[Any], rngs: Any, arrays: list[Any]) -> Any:
+    def run(given: list[Any], rngs: Any, arrays: list[Any]) -> Any:
         args, kwargs = inputs.filled(arrays)
         shapes = [tuple(v.shape) for v in values]
-        frame = Frame(snapshot.variables, list(values), shapes, parse_rngs(rngs), capture)
+        if reads is None:
+            slots = list(given)
+        else:
+            slots: list[Any] = [_UNREAD] * len(values)
+            for i, value in zip(reads, given, strict=True):
+                slots[i] = value
+        frame = Frame(snapshot.variables, slots, shapes, parse_rngs(rngs), capture)
         with entered(snapshot, frame):
             out = fn(*args, **kwargs)
         return out, [frame.values[i] for i in frame.written]
 
+    given = values if reads is None else [values[i] for i in reads]
     try:
-        lowered = jax.jit(run).lower(values, rngs, inputs.arrays)
+        traced = jax.jit(run).trace(given, rngs, inputs.arrays)
     except NameError:
         if capture is not None:
             raise
         return math.nan, math.nan  # a collective over an axis named by a vmap around the call
-    analysis = lowered.cost_analysis() or {}
-    return float(analysis.get("flops", math.nan)), float(analysis.get("bytes accessed", math.nan))
+    except Exception:
+        if reads is None:
+            raise
+        return _lowered_costs(snapshot, fn, values, rngs, inputs, capture, None, costs)
+    # The costs follow from the program alone: alike calls (the blocks of an unrolled model)
+    # are lowered and analysed once.
+    key = str(traced.jaxpr)
+    found = costs.get(key)
+    if found is None:
+        analysis = traced.lower().cost_analysis() or {}
+        found = costs[key] = (
+            float(analysis.get("flops", math.nan)),
+            float(analysis.get("bytes accessed", math.nan)),
+        )
+    return found
 
 
 def _expand(call: _Call) -> None:

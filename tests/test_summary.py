@@ -98,6 +98,31 @@ def test_conv_flops_and_batch_stats():
     assert bn.keywords == {"is_training": True}
 
 
+def test_a_call_reading_a_weight_tied_elsewhere_is_costed_like_its_twin():
+    # The decoder's kernel is the encoder's, stored at the encoder's path: its call is lowered
+    # with more than its own variables.
+    class Tied(mx.Module):
+        def __init__(self):
+            self.encoder = mx.Dense(16, 16)
+            self.decoder = mx.Dense(16, 16)
+            self.decoder.kernel = self.encoder.kernel
+
+        def __call__(self, x):
+            return self.decoder(mx.relu(self.encoder(x)))
+
+    result = mx.summary(Tied(), jnp.ones((4, 16)), show=False)
+    assert _row(result, "decoder").flops == _row(result, "encoder").flops == 2 * 16 * 16 * 4 + 64
+    assert _row(result, "decoder").variables == {"params": 16}  # the bias: the kernel is tied
+
+
+def test_alike_calls_of_an_unrolled_stack_cost_alike():
+    unrolled = mx.Sequential(*[mx.Dense(8, 8) for _ in range(6)])
+    result = mx.summary(unrolled, jnp.ones((2, 8)), show=False)
+    layer_flops = {row.flops for row in result.rows[1:]}
+    assert layer_flops == {2 * 8 * 8 * 2 + 16}
+    assert result.flops == pytest.approx(6 * (2 * 8 * 8 * 2 + 16), rel=0.01)
+
+
 def test_root_row_and_totals_are_the_whole_models_cost():
     model = ConvNet()
     x = jnp.ones((2, 8, 8, 3))
