@@ -6,7 +6,7 @@ Run from the repository root::
 
 The GPT is ``bench_deep.py``'s (d_model 64, 4 heads, batch 8, sequence 32), stacked with
 ``mx.Repeat`` (one traced block: the rows of one block, marked ``×48``) and unrolled (a list
-of 48 blocks: every block's rows, each call lowered on its own). Each summary starts from the
+of 48 blocks: every block's rows, each distinct call lowered once). Each summary starts from the
 definition-world model (the snapshot is part of the time). Printed: the median of the repeats,
 the rows and the FLOPs found, as a Markdown table for docs/benchmarks.md.
 """

@@ -6,7 +6,9 @@ every call of a module (``intermediates.hook_calls``): its abstract inputs, outp
 Each recorded call is then lowered on its own, on what it saw, and XLA's cost analysis of the
 lowered program (``Lowered.cost_analysis()``: no compile, no allocation) gives its FLOPs and
 bytes accessed. Nothing is ever allocated but shapes, so a model larger than memory is
-summarised on a laptop.
+summarised on a laptop. A call's program takes only its module's variables as inputs (one
+that reads a weight tied elsewhere is traced again with them all), and each distinct program
+is lowered and analysed once: the alike blocks of an unrolled model cost one lowering.
 
 Loops. XLA's analysis counts the body of a loop (``lax.scan``, so ``mx.Repeat`` and
 ``mx.scan``) once, and the members of a ``jax.vmap`` all (batched operations). A call inside a
