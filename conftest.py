@@ -2,15 +2,25 @@
 
 Strict dtype promotion and rank-promotion errors turn silent broadcasting and up-casting bugs in
 layers into failures; warnings are errors (see pyproject.toml).
+
+Hypothesis draws the same examples in every run (``derandomize``), so that a run of the suite,
+CI's included, passes or fails the same way each time; ``HYPOTHESIS_EXPLORE=1`` draws new ones
+(with the example database), to search for bugs on purpose.
 """
 
 import importlib.util
+import os
 
 import jax
 import pytest
+from hypothesis import settings
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+settings.register_profile("reproducible", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile("explore" if os.environ.get("HYPOTHESIS_EXPLORE") else "reproducible")
 
 
 @pytest.fixture
