@@ -1,8 +1,6 @@
 """mx.lora, mx.LoRA and mx.merge_lora (metoryx/lora.py)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,10 @@ from jax import lax
 
 import metoryx as mx
 from metoryx import errors
+from tests._finetune import accuracy as accuracy_of
+from tests._finetune import digits_example, fit
 from tests._tolerance import assert_close
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "train_digits.py"
 LORA = mx.filters.tag("lora")
 
 
@@ -381,57 +380,21 @@ def test_merge_names_missing_and_misshapen_variables():
 # --- the fine-tuning proof -------------------------------------------------------------------
 
 
-def _digits_example():
-    spec = importlib.util.spec_from_file_location("train_digits_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _fit(apply_fn, trainable, rest, images, labels, steps, key, lr=3e-3):
-    """Adam on ``trainable`` only: ``rest`` is a constant of the step."""
-    optimizer = optax.adam(lr)
-
-    @jax.jit
-    def step(trainable, rest, state, x, y, key):
-        def loss_fn(trainable):
-            logits, _ = apply_fn(mx.combine(trainable, rest), key, x, is_training=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        updates, state = optimizer.update(jax.grad(loss_fn)(trainable), state, trainable)
-        return optax.apply_updates(trainable, updates), state
-
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count and floats
-        state = optimizer.init(trainable)
-        rng = np.random.default_rng(0)
-        for i in range(steps):
-            batch = rng.choice(len(images), 64, replace=False)
-            trainable, state = step(
-                trainable, rest, state, images[batch], labels[batch], jax.random.fold_in(key, i)
-            )
-    return trainable
-
-
-def _accuracy(apply_fn, variables, images, labels):
-    logits, _ = jax.jit(apply_fn)(variables, None, images)
-    return float(jnp.mean(jnp.argmax(logits, -1) == labels)), logits
-
-
 @pytest.mark.slow  # two short trainings: ~20 s on 2 cores
 def test_a_lora_fine_tune_changes_only_the_adapters_and_merges_to_the_same_logits():
-    example = _digits_example()
+    example = digits_example()
     x_train, x_test, y_train, y_test = example.load_data()
     key = jax.random.key(0)
 
     model = example.ConvNet()
     init_fn, apply_fn = mx.transform(model)
-    pretrained = _fit(apply_fn, init_fn(key), {}, x_train, y_train, 150, key)
-    accuracy, _ = _accuracy(apply_fn, pretrained, x_test, y_test)
-    assert accuracy > 0.85
+    pretrained, _ = fit(apply_fn, init_fn(key), {}, x_train, y_train, optax.adam(3e-3), 150, key)
+    pretrained_accuracy, _ = accuracy_of(apply_fn, pretrained, x_test, y_test)
+    assert pretrained_accuracy > 0.85
 
     # A shifted task: the digits in negative. The pretrained model reads them poorly.
     shifted_train, shifted_test = 1.0 - x_train, 1.0 - x_test
-    before, _ = _accuracy(apply_fn, pretrained, shifted_test, y_test)
+    before, _ = accuracy_of(apply_fn, pretrained, shifted_test, y_test)
 
     adapted = mx.lora(model, rank=4)
     transformed = mx.transform(adapted)
@@ -440,18 +403,20 @@ def test_a_lora_fine_tune_changes_only_the_adapters_and_merges_to_the_same_logit
     variables = mx.combine(pretrained, adapters)  # the pretrained checkpoint, by path
     trainable, rest = mx.partition(variables, LORA, info)
     assert jax.tree.structure(rest) == jax.tree.structure(pretrained)
-    trained = _fit(transformed.apply, trainable, rest, shifted_train, y_train, 150, key, 1e-2)
+    trained, _ = fit(
+        transformed.apply, trainable, rest, shifted_train, y_train, optax.adam(1e-2), 150, key
+    )
     tuned = mx.combine(trained, rest)
 
     for path, array in mx.filter(tuned, ~LORA, info)["params"].items():  # bit-identical
         for name, value in array.items():
             np.testing.assert_array_equal(value, pretrained["params"][path][name])
-    after, logits = _accuracy(transformed.apply, tuned, shifted_test, y_test)
+    after, logits = accuracy_of(transformed.apply, tuned, shifted_test, y_test)
     assert after > before + 0.5, (before, after)
 
     plain, plain_variables = mx.merge_lora(adapted, tuned)
     assert jax.tree.structure(plain_variables) == jax.tree.structure(pretrained)
-    merged_accuracy, merged_logits = _accuracy(
+    merged_accuracy, merged_logits = accuracy_of(
         mx.apply(example.ConvNet()), plain_variables, shifted_test, y_test
     )
     assert_close(merged_logits, logits, n=1024, scale=np.abs(logits).max())

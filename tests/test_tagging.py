@@ -1,9 +1,6 @@
 """Tests of metoryx/tagging.py: tag, untag, freeze, unfreeze, and freezing that really freezes
 (the fine-tuning recipe of docs/finetuning.md on the digits ConvNet of the example)."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +9,7 @@ import pytest
 
 import metoryx as mx
 from metoryx import errors
-
-EXAMPLE = Path(__file__).parents[1] / "examples" / "train_digits.py"
+from tests._finetune import accuracy, digits_example, fit
 
 
 def test_tag_reaches_every_variable_of_a_subtree_once():
@@ -67,56 +63,16 @@ def test_bad_arguments_are_refused(call, error, match):
 # --- the fine-tuning recipe -----------------------------------------------------------------
 
 
-def _digits_example():
-    spec = importlib.util.spec_from_file_location("train_digits_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _train(apply_fn, variables, split, images, labels, optimizer, steps, key):
-    """Adam steps on the trainable part only: jax.grad never sees the frozen part."""
-    trainable, frozen = split(variables)
-
-    def loss_fn(trainable, frozen, x, y, key):
-        logits, _ = apply_fn(mx.combine(trainable, frozen), key, x, is_training=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    def step(trainable, frozen, state, x, y, key):
-        grads = jax.grad(loss_fn)(trainable, frozen, x, y, key)
-        updates, state = optimizer.update(grads, state, trainable)
-        return optax.apply_updates(trainable, updates), state
-
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count and floats
-        state = optimizer.init(trainable)
-        rng = np.random.default_rng(0)
-        for i in range(steps):
-            batch = rng.choice(len(images), 64, replace=False)
-            trainable, state = step(
-                trainable, frozen, state, images[batch], labels[batch], jax.random.fold_in(key, i)
-            )
-    return mx.combine(trainable, frozen), state, step
-
-
-def _accuracy(apply_fn, variables, images, labels):
-    logits, _ = jax.jit(apply_fn)(variables, None, images)
-    return float(jnp.mean(jnp.argmax(logits, -1) == labels))
-
-
 def test_a_frozen_backbone_keeps_its_bits_and_the_optimizer_holds_only_the_head():
-    example = _digits_example()
+    example = digits_example()
     x_train, x_test, y_train, y_test = example.load_data()
     key = jax.random.key(0)
 
     # Pretrain the whole ConvNet briefly.
     model = example.ConvNet()
     init_fn, apply_fn = mx.transform(model)
-    everything = lambda v: mx.partition(v, "params")  # noqa: E731
-    pretrained, _, _ = _train(
-        apply_fn, init_fn(key), everything, x_train, y_train, optax.adam(3e-3), 150, key
-    )
-    assert _accuracy(apply_fn, pretrained, x_test, y_test) > 0.85
+    pretrained, _ = fit(apply_fn, init_fn(key), {}, x_train, y_train, optax.adam(3e-3), 150, key)
+    assert accuracy(apply_fn, pretrained, x_test, y_test)[0] > 0.85
 
     # A new head on the pretrained backbone; everything but the head frozen.
     model = mx.assign_variables(model, pretrained)
@@ -126,19 +82,15 @@ def test_a_frozen_backbone_keeps_its_bits_and_the_optimizer_holds_only_the_head(
     transformed = mx.transform(model)
     info = mx.variable_info(transformed)
     start = transformed.init(jax.random.key(1))
-    assert _accuracy(transformed.apply, start, x_test, y_test) < 0.5  # the head is new
+    assert accuracy(transformed.apply, start, x_test, y_test)[0] < 0.5  # the head is new
     split = lambda v: mx.partition(v, mx.filters.trainable, info)  # noqa: E731
-    tuned, state, _ = _train(
-        transformed.apply,
-        start,
-        split,
-        x_train,
-        y_train,
-        optax.adamw(3e-3, weight_decay=0.1),
-        100,
-        key,
+    trainable, frozen = split(start)
+    optimizer = optax.adamw(3e-3, weight_decay=0.1)
+    trained, state = fit(
+        transformed.apply, trainable, frozen, x_train, y_train, optimizer, 100, key
     )
-    assert _accuracy(transformed.apply, tuned, x_test, y_test) > 0.85
+    tuned = mx.combine(trained, frozen)
+    assert accuracy(transformed.apply, tuned, x_test, y_test)[0] > 0.85
 
     # Frozen arrays: bit-identical to the pretrained ones.
     frozen_before = mx.filter(start, mx.filters.frozen, info)
