@@ -34,8 +34,6 @@ from metoryx._core.module import Module, module_label
 from metoryx._core.paths import (
     Path,
     flatten_variables,
-    glob_matcher,
-    glob_problem,
     path_str,
     unflatten_variables,
 )
@@ -56,7 +54,7 @@ from metoryx.nn._compute import (
 from metoryx.nn.conv import Conv
 from metoryx.nn.dropout import dropout as apply_dropout
 from metoryx.nn.linear import Dense, Einsum, Embed
-from metoryx.surgery import modules, replace
+from metoryx.surgery import modules, replace, where_matcher
 
 #: The tag of every adapter variable: ``mx.filters.tag("lora")`` selects them.
 LORA_TAG = "lora"
@@ -717,47 +715,21 @@ def _checked_dropout(where: str, dropout: Any) -> float:
 
 
 def _target_matcher(target: Any) -> Callable[[Path, Module], bool]:
-    """``target`` of :func:`lora` as a predicate over the supported layers."""
+    """``target`` of :func:`lora` as a predicate over the supported layers: None for all, else
+    the forms of ``mx.replace``'s ``where``; classes LoRA cannot adapt are refused."""
     if target is None:
         return lambda path, module: True
-    if isinstance(target, str):
-        problem = glob_problem(target)
-        if problem:
-            raise errors.LayerConfigError(f"mx.lora: `target` is not a path glob: {problem}.")
-        match_path = glob_matcher(target)
-        return lambda path, module: match_path(path)
-    if isinstance(target, (tuple, builtins.type)):
-        classes: tuple[Any, ...] = target if isinstance(target, tuple) else (target,)
-        if classes and all(isinstance(c, builtins.type) and issubclass(c, Module) for c in classes):
-            unsupported = [c.__name__ for c in classes if not issubclass(c, _SUPPORTED)]
-            if unsupported:
-                raise errors.LayerConfigError(
-                    f"mx.lora: `target` names {', '.join(unsupported)}, which LoRA does not "
-                    f"adapt; it adapts {_SUPPORTED_NAMES} (and their subclasses). To adapt "
-                    f"the layers inside a block, pick them with a glob ('blocks/**') or a "
-                    f"predicate."
-                )
-            return lambda path, module: isinstance(module, classes)
-    elif callable(target) and not isinstance(target, Module):
-        return _checked_predicate(target)
-    raise errors.LayerConfigError(
-        f"mx.lora: `target` must be None (every supported layer), a layer class such as "
-        f"mx.Dense or a tuple of them, a module-path glob ('blocks/*/attn/*') or a predicate "
-        f"`lambda path, module: ...`, got {_shown(target)}."
-    )
-
-
-def _checked_predicate(target: Callable[..., Any]) -> Callable[[Path, Module], bool]:
-    def matches(path: Path, module: Module) -> bool:
-        answer = target(path, module)
-        if not isinstance(answer, (bool, np.bool_)):
+    classes: Any = target if isinstance(target, tuple) else (target,)
+    if all(isinstance(c, builtins.type) and issubclass(c, Module) for c in classes):
+        unsupported = [c.__name__ for c in classes if not issubclass(c, _SUPPORTED)]
+        if unsupported:
             raise errors.LayerConfigError(
-                f"mx.lora: the `target` predicate returned {_shown(answer)} for the "
-                f"{type(module).__name__} at {path_str(path)!r}; it must return True or False."
+                f"mx.lora: `target` names {', '.join(unsupported)}, which LoRA does not "
+                f"adapt; it adapts {_SUPPORTED_NAMES} (and their subclasses). To adapt "
+                f"the layers inside a block, pick them with a glob ('blocks/**') or a "
+                f"predicate."
             )
-        return bool(answer)
-
-    return matches
+    return where_matcher(target, "mx.lora", "target")
 
 
 def _shown(value: Any) -> str:

@@ -192,13 +192,16 @@ def _module_classes(value: Any) -> tuple[builtins.type[Module], ...]:
     )
 
 
-def where_matcher(where: Any, caller: str = "mx.replace") -> Callable[[Path, Module], bool]:
-    """``where`` of :func:`replace` (or of ``caller``, which takes the same forms) as a
-    predicate ``(path, module) -> bool``."""
+def where_matcher(
+    where: Any, caller: str = "mx.replace", argument: str = "where"
+) -> Callable[[Path, Module], bool]:
+    """``where`` of :func:`replace` as a predicate ``(path, module) -> bool``; also the
+    argument named ``argument`` of ``caller``, which takes the same forms (``mx.lora``'s
+    ``target``, ``mx.set_precision``'s ``where``)."""
     if isinstance(where, str):
         problem = glob_problem(where)
         if problem:
-            raise errors.LayerConfigError(f"{caller}: `where` is not a path glob: {problem}.")
+            raise errors.LayerConfigError(f"{caller}: `{argument}` is not a path glob: {problem}.")
         match_path = glob_matcher(where)
         return lambda path, module: match_path(path)
     if isinstance(where, tuple) or isinstance(where, builtins.type):
@@ -206,21 +209,23 @@ def where_matcher(where: Any, caller: str = "mx.replace") -> Callable[[Path, Mod
         if classes and all(_is_module_class(c) for c in classes):
             return lambda path, module: isinstance(module, classes)
     elif callable(where) and not isinstance(where, Module):
-        _check_callable("where", where, "where(path, module) -> bool", caller)
-        return _checked_predicate(where, caller)
+        _check_callable(argument, where, f"{argument}(path, module) -> bool", caller)
+        return _checked_predicate(where, caller, argument)
     raise errors.LayerConfigError(
-        f"{caller}: `where` must be a module class (mx.BatchNorm) or a tuple of them, a path "
-        f"glob ('head', 'blocks/*/attn') or a predicate `lambda path, module: ...`, got "
+        f"{caller}: `{argument}` must be a module class (mx.BatchNorm) or a tuple of them, a "
+        f"path glob ('head', 'blocks/*/attn') or a predicate `lambda path, module: ...`, got "
         f"{_shown(where)}.{_instance_hint(where)}"
     )
 
 
-def _checked_predicate(where: Callable[..., Any], caller: str) -> Callable[[Path, Module], bool]:
+def _checked_predicate(
+    where: Callable[..., Any], caller: str, argument: str
+) -> Callable[[Path, Module], bool]:
     def matches(path: Path, module: Module) -> bool:
         answer = where(path, module)
         if not isinstance(answer, (bool, np.bool_)):
             raise errors.LayerConfigError(
-                f"{caller}: the `where` predicate returned {_shown(answer)} for the "
+                f"{caller}: the `{argument}` predicate returned {_shown(answer)} for the "
                 f"{type(module).__name__} at {path_str(path)!r}; it must return True or False "
                 f"(e.g. `lambda path, m: isinstance(m, mx.Dense) and path[0] == 'encoder'`)."
             )
