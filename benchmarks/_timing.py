@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,6 +64,16 @@ def walk_eqns(jaxpr: Any) -> Iterator[Any]:
                 inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
                 if hasattr(inner, "eqns"):
                     yield from walk_eqns(inner)
+
+
+def optimized_program(fn: Callable[..., Any], args: Sequence[Any]) -> str:
+    """The HLO that XLA compiles ``fn`` to, without names and source locations: two sides
+    with equal texts run the same machine code, whatever their jaxprs."""
+    text = jax.jit(fn).lower(*args).compile().as_text().split("\nFileNames")[0]
+    text = re.sub(r", metadata=\{[^}]*\}", "", text)
+    text = re.sub(r"^HloModule \S+", "HloModule", text)
+    names: dict[str, str] = {}
+    return re.sub(r"%[\w.-]+", lambda m: names.setdefault(m.group(0), f"%{len(names)}"), text)
 
 
 def header(library: Any, *others: Any) -> str:

@@ -40,7 +40,6 @@ import argparse
 import collections
 import dataclasses
 import os
-import re
 import statistics
 import sys
 import time
@@ -55,7 +54,15 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _timing import call_sampler, header, interleaved, markdown, paired, walk_eqns  # noqa: E402
+from _timing import (  # noqa: E402
+    call_sampler,
+    header,
+    interleaved,
+    markdown,
+    optimized_program,
+    paired,
+    walk_eqns,
+)
 
 import metoryx as mx  # noqa: E402
 from metoryx import (  # noqa: E402
@@ -572,16 +579,6 @@ def relative_difference(a: Any, b: Any) -> float:
             x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
             worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
     return worst
-
-
-def optimized_program(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
-    """The HLO that XLA compiles ``fn`` to, without names and source locations: two sides
-    with equal texts run the same machine code, whatever their jaxprs."""
-    text = jax.jit(fn).lower(*args).compile().as_text().split("\nFileNames")[0]
-    text = re.sub(r", metadata=\{[^}]*\}", "", text)
-    text = re.sub(r"^HloModule \S+", "HloModule", text)
-    names: dict[str, str] = {}
-    return re.sub(r"%[\w.-]+", lambda m: names.setdefault(m.group(0), f"%{len(names)}"), text)
 
 
 def one_call(fn: Callable[[], Any]) -> float:
