@@ -146,18 +146,108 @@ def test_scale_and_computation_dtype():
 
 
 @pytest.mark.parametrize("is_causal", [False, True])
-def test_program_equals_jax(is_causal):
+def test_xla_implementation_is_jax_program(is_causal):
     q, k = jnp.ones((2, 3, 4, 8)), jnp.ones((2, 6, 2, 8))
     mask = jnp.ones((2, 1, 3, 6), bool)
 
     def ours(q, k, v, mask):
-        return dot_product_attention(q, k, v, mask, is_causal=is_causal)
+        return dot_product_attention(q, k, v, mask, is_causal=is_causal, implementation="xla")
 
     def jax_only(q, k, v, mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
 
     program = lambda f: str(jax.make_jaxpr(f)(q, k, k, mask))  # noqa: E731
     assert program(ours) == program(jax_only)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: the einsums (the default on CPU) against JAX's own function.
+
+# name: (heads, kv_heads, T, S, mask shape, bias shape, is_causal, causal_offset)
+IMPLEMENTATION_CASES = {
+    "plain": (4, 4, 3, 5, None, None, False, 0),
+    "causal": (4, 4, 4, 4, None, None, True, 0),
+    "gqa_causal_shared_mask": (4, 2, 4, 6, (2, 1, 4, 6), None, True, 0),
+    "gqa_per_head_mask_row": (4, 2, 3, 5, (2, 4, 1, 5), (4, 3, 5), False, 0),
+    "mqa_bias_offset": (4, 1, 3, 6, None, (2, 1, 3, 6), True, 2),
+    "gqa_key_mask_only": (6, 3, 3, 4, (2, 1, 1, 4), None, False, 0),
+}
+
+
+@pytest.mark.parametrize("case", IMPLEMENTATION_CASES)
+def test_implementations_agree_with_jax(case):
+    heads, kv_heads, t, s, mask_shape, bias_shape, is_causal, offset = IMPLEMENTATION_CASES[case]
+    q, k, v = (
+        _normal((2, t, heads, 8)),
+        _normal((2, s, kv_heads, 8), 1),
+        _normal((2, s, kv_heads, 8), 2),
+    )
+    rng = np.random.default_rng(3)
+    mask = None if mask_shape is None else jnp.asarray(rng.random(mask_shape) > 0.3)
+    bias = None if bias_shape is None else _normal(bias_shape, 4)
+    if is_causal and offset:  # JAX's function knows top-left causal masks only
+        rows, cols = np.arange(t)[:, None] + offset, np.arange(s)[None, :]
+        reference_mask = jnp.asarray(cols <= rows) if mask is None else mask & (cols <= rows)
+    else:
+        reference_mask = mask
+
+    def reference(q, k, v):
+        causal = is_causal and not offset
+        return jax.nn.dot_product_attention(q, k, v, bias, reference_mask, is_causal=causal)
+
+    def ours(implementation):
+        def attend(q, k, v):
+            return dot_product_attention(
+                q, k, v, mask, bias, is_causal, causal_offset=offset, implementation=implementation
+            )
+
+        return attend
+
+    cotangent = _normal(q.shape, 5)
+    expected = jax.jit(lambda *a: _forward_backward(reference, a, cotangent))(q, k, v)
+    for implementation in (None, "einsum", "xla"):
+        attend = ours(implementation)
+        got = jax.jit(lambda *a, f=attend: _forward_backward(f, a, cotangent))(q, k, v)
+        assert_close(got[0], expected[0], n=N_FUNCTION)
+        for g, e in zip(got[1], expected[1], strict=True):
+            assert_close(g, e, n=N_FUNCTION)
+
+
+def test_default_implementation_on_cpu_is_the_einsums(monkeypatch):
+    calls = []
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(
+        jax.nn, "dot_product_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    )
+    q, k = _normal((2, 3, 4, 8)), _normal((2, 5, 2, 8), 1)
+    dot_product_attention(q, k, k, is_causal=True)
+    layer = mx.transform(MultiHeadAttention(4, 16, num_kv_heads=2))
+    variables = layer.init(jax.random.key(0))
+    x = _normal((2, 3, 16))
+    default = layer.apply(variables, None, x, is_causal=True)[0]
+    assert calls == []
+    forced_layer = MultiHeadAttention(4, 16, num_kv_heads=2, implementation="xla")
+    assert "implementation=xla" in repr(forced_layer)
+    forced = mx.transform(forced_layer)
+    assert_close(forced.apply(variables, None, x, is_causal=True)[0], default, n=N_LAYER)
+    assert [kw["implementation"] for kw in calls] == ["xla"]
+
+
+def test_implementation_errors():
+    q, k = _normal((2, 3, 4, 8)), _normal((2, 5, 2, 8), 1)
+    with pytest.raises(
+        mx.errors.LayerConfigError, match=r"'einsum', 'xla' or 'cudnn', got 'flash'"
+    ):
+        dot_product_attention(q, k, k, implementation="flash")
+    with pytest.raises(mx.errors.LayerConfigError, match=r"no dropout.*implementation='einsum'"):
+        dot_product_attention(q, k, k, dropout_rate=0.1, rng=_key(0), implementation="xla")
+    with pytest.raises(mx.errors.LayerConfigError, match=r"MultiHeadAttention.*got 'XLA'"):
+        MultiHeadAttention(4, 16, implementation="XLA")
+    with pytest.raises(mx.errors.LayerConfigError, match=r"MultiHeadAttention.*no dropout"):
+        MultiHeadAttention(4, 16, dropout_rate=0.1, implementation="cudnn")
+    if jax.default_backend() == "cpu":  # JAX's cuDNN attention needs an NVIDIA GPU
+        with pytest.raises(mx.errors.LayerConfigError, match=r"'cudnn' cannot run this call"):
+            dot_product_attention(q.astype(jnp.bfloat16), k, k, implementation="cudnn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +273,7 @@ def test_dropout_path_computes_what_jax_computes():
     def both(q, k, v, mask, bias):
         return [
             (
-                dot_product_attention(q, k, v, mask, bias, causal),
+                dot_product_attention(q, k, v, mask, bias, causal, implementation="xla"),
                 dot_product_attention(q, k, v, mask, bias, causal, dropout_rate=1e-9, rng=_key(0)),
             )
             for causal in (False, True)
