@@ -489,15 +489,29 @@ class GroupNorm(_Normalization):
         """
         x = _checked_input(self, x, 2, "(batch, *spatial, {size}) (2+ axes)", _BATCH_FIRST)
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
-        shape = x.shape
-        # (batch, *spatial, groups, channels per group): statistics over all axes but the
-        # batch and group axes.
-        grouped = cast(x, at_least_float32(dtype)).reshape(
-            (*shape[:-1], self.num_groups, self.size // self.num_groups)
-        )
-        axes = (*range(1, len(shape) - 1), len(shape))
-        y = _standardize(grouped, axes, self.epsilon).reshape(shape)
-        return _scale_and_shift(y, self.scale, self.bias, dtype)
+        x = cast(x, at_least_float32(dtype))
+        shape, groups = x.shape, self.num_groups
+        # Statistics per example and channel over the spatial axes, then per group over its
+        # channels (each channel has as many values, so the mean of means is the mean): the
+        # reductions and the normalization all run in x's own layout, which XLA's CPU code
+        # vectorizes along the channels. A (..., groups, channels per group) view of x would
+        # put a few channels on the fastest axis (fwd+bwd ~1.25x slower).
+        spatial = tuple(range(1, len(shape) - 1))
+
+        def group_mean(values: jax.Array) -> jax.Array:  # (batch, 1, ..., 1, size)
+            per_channel = jnp.mean(values, axis=spatial, keepdims=True)
+            grouped = per_channel.reshape((*per_channel.shape[:-1], groups, -1))
+            means = jnp.mean(grouped, axis=-1, keepdims=True)
+            return jnp.broadcast_to(means, grouped.shape).reshape(per_channel.shape)
+
+        # Two passes: the mean of squared deviations, never E[x^2] - E[x]^2.
+        centered = x - group_mean(x)
+        multiplier = lax.rsqrt(group_mean(jnp.square(centered)) + self.epsilon)
+        if self.scale is not None:
+            feature_shape = (1,) * (len(shape) - 1) + (self.size,)
+            multiplier = multiplier * cast(self.scale, x.dtype).reshape(feature_shape)
+        y = centered * multiplier
+        return _scale_and_shift(y, None, self.bias, dtype)
 
 
 @fill_docstring(norm_args=_NORM_ARGS_DOC)
