@@ -4,11 +4,11 @@ A checkpoint is one safetensors file. Each array of the tree is a tensor named b
 ``/``-joined path (``params/encoder/fc/kernel``, ``opt_state/0/mu/fc/bias``), so any safetensors
 reader opens it. The header's ``__metadata__`` (a str -> str map) holds, as JSON, what a flat
 list of tensors cannot say: the tree's structure (node kinds, key order, empty containers,
-NamedTuple field names, typed PRNG keys), a CRC-32 of every tensor, and the user's metadata.
+NamedTuple field names, typed PRNG keys), a CRC-32C of every tensor, and the user's metadata.
 Nothing is pickled, so loading a file never runs code.
 
-Writes are atomic (a temporary file in the same directory, flushed to disk, renamed over the
-target): a crash at any moment leaves the old file or the new one. Reads check every tensor's
+Writes are atomic (a file in a scratch directory beside the target, flushed to disk, renamed
+over the target): a crash at any moment leaves the old file or the new one. Reads check every tensor's
 checksum by default and read each tensor once, into the buffer the returned array keeps.
 """
 
@@ -20,6 +20,8 @@ import math
 import mmap
 import os
 import secrets
+import shutil
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -69,9 +71,10 @@ def save(
 
     Each tensor is named by its path, the keys from the root joined by ``/`` (dict keys as
     written, list and tuple indices as decimals, NamedTuple and dataclass fields by name); a
-    dot in a key is kept (``"layer.0"``). The file goes to a temporary file beside ``path``,
-    is flushed to disk and renamed over ``path``: a crash at any moment leaves the old file or
-    the new one, never a torn one.
+    dot in a key is kept (``"layer.0"``). The file is written in a scratch directory beside
+    ``path``, flushed to disk and renamed over ``path``: a crash at any moment leaves the old
+    file or the new one, never a torn one. A save also removes the scratch directories that
+    writers of ``path`` on this host left when they were killed.
 
     Args:
         path: the file to write (by convention ``*.safetensors``); its directory must exist.
@@ -398,31 +401,68 @@ def _checksum(array: np.ndarray[Any, Any]) -> int:
 
 
 def _write_atomically(target: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` a file beside ``target``, flush it to disk and rename it over ``target``."""
+    """``write(path)`` a file beside ``target``, flush it to disk and rename it over ``target``.
+
+    The file is written in a scratch directory of its own beside ``target``, named after the
+    writer (``.model.safetensors.<host>-<pid>.<random>.tmp``), which also holds the
+    temporary file safetensors' writer makes itself. A writer killed mid-write leaves its
+    directory behind; the next save to the same target from the same host removes those of
+    writers no longer running, so a job that keeps crashing while it saves cannot fill the
+    disk."""
     directory = os.path.dirname(os.path.abspath(target))
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(6)}.tmp")
-    # Created here (not by mkstemp): the file gets the umask's mode, like any new file.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    name = os.path.basename(target)
+    _remove_dead_writers(directory, name)
+    scratch = os.path.join(directory, f".{name}.{_writer()}.{secrets.token_hex(6)}.tmp")
+    os.mkdir(scratch)
     try:
+        tmp = os.path.join(scratch, name)
+        # Created here (not by mkstemp): the file gets the umask's mode, like any new file.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         mode = os.stat(tmp).st_mode
         write(tmp)
         os.chmod(tmp, mode)  # safetensors writes its files private (0600)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp, os.O_RDWR)
         os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if os.name == "posix":  # the rename itself reaches the disk with the directory's entry
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(directory, os.O_RDONLY)
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_dead_writers(directory: str, name: str) -> None:
+    """Removes the scratch directories for ``name`` of this host's writers that have died."""
+    if os.name != "posix":  # no harmless probe of a process id
+        return
+    prefix, host = f".{name}.", socket.gethostname()
+    for entry in os.scandir(directory):
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        writer = entry.name[len(prefix) : -len(".tmp")].rpartition(".")[0]
+        writer_host, _, pid = writer.rpartition("-")
+        if writer_host == host and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # none has this id (or could)
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 # --- load -------------------------------------------------------------------------------------

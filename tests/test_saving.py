@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -301,6 +302,35 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(path, monkeyp
         mx.save(path, {"x": np.zeros(1000, np.float32)})
     _same(mx.load(path), old)
     assert os.listdir(os.path.dirname(path)) == ["ckpt.safetensors"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="dead writers are found by process id")
+def test_save_removes_the_scratch_of_dead_writers_only(path):
+    directory = os.path.dirname(path)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host, dead = socket.gethostname(), int(finished.stdout)
+    kept = [
+        f".ckpt.safetensors.{host}-{os.getpid()}.0a1b2c.tmp",  # a running writer (this one)
+        f".ckpt.safetensors.other-host-{dead}.0a1b2c.tmp",  # may be running elsewhere
+        f".other.safetensors.{host}-{dead}.0a1b2c.tmp",  # another target's
+        f".ckpt.safetensors.{host}-notapid.0a1b2c.tmp",  # not a writer's name
+    ]
+    removed = [
+        f".ckpt.safetensors.{host}-{dead}.0a1b2c.tmp",
+        f".ckpt.safetensors.{host}-{2**80}.ff.tmp",
+    ]
+    for name in kept + removed:
+        os.mkdir(os.path.join(directory, name))
+        with open(os.path.join(directory, name, ".tmpXyZ"), "wb") as f:  # safetensors' own
+            f.write(b"half a file")
+    mx.save(path, {"x": np.ones(3, np.float32)})
+    assert sorted(os.listdir(directory)) == sorted([*kept, "ckpt.safetensors"])
+    _same(mx.load(path), {"x": np.ones(3, np.float32)})
 
 
 def test_save_replaces_the_file_with_the_usual_permissions(path):

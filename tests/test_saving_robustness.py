@@ -353,15 +353,15 @@ def test_a_writer_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(tmp_
         server.close()
     assert len(changed) == CRASH_ROUNDS + 1
     assert any(changed) and not all(changed), changed  # kills before and after a rename
-    # A kill inside a write leaves its temporary files, hidden beside the target: mx.save
-    # deletes only its own, and cannot tell a dead writer's from a running one's. No reader
-    # takes them for a checkpoint.
+    # A kill inside a write leaves its scratch directory, hidden beside the target, which no
+    # reader takes for a checkpoint; the next save removes those of dead writers.
     leftovers = [p.name for p in tmp_path.iterdir() if p != target]
     assert leftovers, "no kill landed inside a write"
-    assert all(name.startswith(".") and not name.endswith(".safetensors") for name in leftovers)
+    assert all(name.startswith(".state.safetensors.") for name in leftovers), leftovers
     assert list(tmp_path.glob("*.safetensors")) == [target]
     mx.save(target, _version_tree(held + 1))
     assert _held_version(target) == held + 1
+    assert list(tmp_path.iterdir()) == [target]
 
 
 # ----------------------------------------------------------------------------------------------
