@@ -333,7 +333,9 @@ def conv_transpose_case(key: jax.Array) -> Case:
         sides["NNX"] = nnx_side(nnx_set(layer, kernel=flipped, bias=b), lambda m, x: m(x), x)
     if eqx is not None:
         conv = eqx.nn.ConvTranspose2d(CHANNELS, 16, 4, stride=2, padding=1, key=key)
-        weight = jnp.transpose(k, (3, 2, 0, 1))  # (out, in, kh, kw), as PyTorch's Conv
+        # (out, in, kh, kw), flipped: Equinox applies its weight as the kernel of the
+        # convolution over the dilated input, as Flax does
+        weight = jnp.transpose(flipped, (3, 2, 0, 1))
         conv = eqx_set(conv, weight=weight, bias=b[:, None, None])
         side = eqx_side(conv, lambda m, s, x: (batched(m, 1)(x), s), to_nchw(x))
         side.to_ours = to_nhwc
