@@ -62,19 +62,15 @@ import optax
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _models import GPT, Block, Shape, eqx, flax, nn  # noqa: E402
 from _timing import header, interleaved, markdown, paired, walk_eqns  # noqa: E402
 
 import metoryx as mx  # noqa: E402
 
-try:
-    import flax
-    from flax import linen as nn
-except ImportError:
-    flax = nn = None
-try:
-    import equinox as eqx
-except ImportError:
-    eqx = None
+if nn is not None:
+    from _models import LinenGPT  # noqa: E402
+if eqx is not None:
+    from _models import EqxGPT  # noqa: E402
 
 LEARNING_RATE = 1e-3
 OPTIMIZER = optax.adam(LEARNING_RATE)
@@ -88,178 +84,8 @@ REMAT_PRIMITIVES = ("remat2", "checkpoint", "remat")  # its name differs between
 SLOW_S = 180.0  # a compile slower than this is measured once, not in every repeat
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    d_model: int
-    heads: int
-    batch: int
-    seq: int
-    vocab: int = 256
-
-    def __str__(self) -> str:
-        return (
-            f"d_model {self.d_model}, {self.heads} heads, batch {self.batch}, seq {self.seq}, "
-            f"vocab {self.vocab}"
-        )
-
-
 SMALL = Shape(d_model=64, heads=4, batch=8, seq=32)  # compile time, step time, checks
 LARGE = Shape(d_model=64, heads=4, batch=32, seq=128)  # memory: activations dominate
-
-
-# ---------------------------------------------------------------------------------------------
-# metoryx: the block and the GPT, unrolled or stacked.
-
-
-class Block(mx.Module):
-    """A pre-LayerNorm transformer block: causal self-attention, then a GELU MLP."""
-
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln1 = mx.LayerNorm(d)
-        self.attn = mx.MultiHeadAttention(heads, d)
-        self.ln2 = mx.LayerNorm(d)
-        self.fc1 = mx.Dense(d, 4 * d)
-        self.fc2 = mx.Dense(4 * d, d)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln1(x), is_causal=True)
-        return x + self.fc2(mx.gelu(self.fc1(self.ln2(x))))
-
-
-LAYOUTS = ("unrolled", "checkpointed", "repeat", "repeat remat")
-
-
-class GPT(mx.Module):
-    """Embeddings, ``n`` blocks in one of ``LAYOUTS``, a final LayerNorm and the head."""
-
-    def __init__(self, shape: Shape, n: int, layout: str):
-        super().__init__()
-        d = shape.d_model
-        self.tokens = mx.Embed(shape.vocab, d)
-        self.positions = mx.Embed(shape.seq, d)
-
-        def block() -> Block:
-            return Block(d, shape.heads)
-
-        self.stacked = layout.startswith("repeat")
-        if layout == "unrolled":
-            self.blocks = [block() for _ in range(n)]
-        elif layout == "checkpointed":
-            self.blocks = [mx.checkpoint(block()) for _ in range(n)]
-        else:
-            self.blocks = mx.Repeat(block, n, remat=layout == "repeat remat")
-        self.ln_f = mx.LayerNorm(d)
-        self.head = mx.Dense(d, shape.vocab)
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        x = self.tokens(ids) + self.positions(jnp.arange(ids.shape[-1]))
-        if self.stacked:
-            x = self.blocks(x)
-        else:
-            for block in self.blocks:
-                x = block(x)
-        return self.head(self.ln_f(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# Peers: the same model in Flax Linen (nn.scan) and Equinox (scan-over-layers).
-
-if nn is not None:
-
-    class LinenBlock(nn.Module):
-        d: int
-        heads: int
-
-        @nn.compact
-        def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-            mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-            h = nn.LayerNorm(epsilon=1e-5)(x)
-            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(h, h, mask=mask)
-            h = nn.LayerNorm(epsilon=1e-5)(x)
-            return x + nn.Dense(self.d)(nn.gelu(nn.Dense(4 * self.d)(h))), None
-
-    class LinenGPT(nn.Module):
-        shape: Shape
-        n: int
-        remat: bool
-
-        @nn.compact
-        def __call__(self, ids: jax.Array) -> jax.Array:
-            s = self.shape
-            x = nn.Embed(s.vocab, s.d_model)(ids) + nn.Embed(s.seq, s.d_model)(
-                jnp.arange(ids.shape[-1])
-            )
-            block = nn.remat(LinenBlock, prevent_cse=False) if self.remat else LinenBlock
-            blocks = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                in_axes=nn.broadcast,
-                length=self.n,
-            )
-            x, _ = blocks(s.d_model, s.heads, name="blocks")(x, None)
-            return nn.Dense(s.vocab)(nn.LayerNorm(epsilon=1e-5)(x))
-
-
-if eqx is not None:
-
-    class EqxBlock(eqx.Module):
-        ln1: eqx.nn.LayerNorm
-        attn: eqx.nn.MultiheadAttention
-        ln2: eqx.nn.LayerNorm
-        fc1: eqx.nn.Linear
-        fc2: eqx.nn.Linear
-
-        def __init__(self, d: int, heads: int, key: jax.Array):
-            k1, k2, k3 = jax.random.split(key, 3)
-            self.ln1 = eqx.nn.LayerNorm(d)
-            biases = dict.fromkeys(
-                ("use_query_bias", "use_key_bias", "use_value_bias", "use_output_bias"), True
-            )
-            self.attn = eqx.nn.MultiheadAttention(heads, d, **biases, key=k1)
-            self.ln2 = eqx.nn.LayerNorm(d)
-            self.fc1 = eqx.nn.Linear(d, 4 * d, key=k2)
-            self.fc2 = eqx.nn.Linear(4 * d, d, key=k3)
-
-        def __call__(self, x: jax.Array) -> jax.Array:  # (seq, d): Equinox layers are unbatched
-            mask = jnp.tril(jnp.ones((x.shape[0], x.shape[0]), bool))
-            h = jax.vmap(self.ln1)(x)
-            x = x + self.attn(h, h, h, mask=mask)
-            h = jax.vmap(self.ln2)(x)
-            return x + jax.vmap(self.fc2)(jax.nn.gelu(jax.vmap(self.fc1)(h)))
-
-    class EqxGPT(eqx.Module):
-        tokens: eqx.nn.Embedding
-        positions: eqx.nn.Embedding
-        blocks: EqxBlock  # every array with a leading axis of n
-        ln_f: eqx.nn.LayerNorm
-        head: eqx.nn.Linear
-        remat: bool = eqx.field(static=True)
-
-        def __init__(self, shape: Shape, n: int, remat: bool, key: jax.Array):
-            k1, k2, k3, k4 = jax.random.split(key, 4)
-            d = shape.d_model
-            self.tokens = eqx.nn.Embedding(shape.vocab, d, key=k1)
-            self.positions = eqx.nn.Embedding(shape.seq, d, key=k2)
-            self.blocks = eqx.filter_vmap(lambda k: EqxBlock(d, shape.heads, k))(
-                jax.random.split(k3, n)
-            )
-            self.ln_f = eqx.nn.LayerNorm(d)
-            self.head = eqx.nn.Linear(d, shape.vocab, key=k4)
-            self.remat = remat
-
-        def __call__(self, ids: jax.Array) -> jax.Array:  # (seq,) -> (seq, vocab)
-            x = jax.vmap(self.tokens)(ids) + jax.vmap(self.positions)(jnp.arange(ids.shape[0]))
-            arrays, static = eqx.partition(self.blocks, eqx.is_array)
-
-            def body(x: jax.Array, layer: Any) -> tuple[jax.Array, None]:
-                return eqx.combine(layer, static)(x), None
-
-            if self.remat:
-                body = jax.checkpoint(body, prevent_cse=False)
-            x, _ = lax.scan(body, x, arrays)
-            return jax.vmap(self.head)(jax.vmap(self.ln_f)(x))
 
 
 def _is_param(x: Any) -> bool:
