@@ -894,9 +894,9 @@ class MultiHeadAttention(Module):
             )
         overflow = self._check_cache(query, key) if decode else None
         lead, t = query.shape[:-2], query.shape[-2]
-        q = self.query(query).reshape(*lead, t, self.num_heads, self.head_dim)
-        k = self.key(key).reshape(*key.shape[:-1], self.num_kv_heads, self.head_dim)
-        v = self.value(value).reshape(*value.shape[:-1], self.num_kv_heads, self.head_dim)
+        q = self._heads(self.query, query, self.num_heads)
+        k = self._heads(self.key, key, self.num_kv_heads)
+        v = self._heads(self.value, value, self.num_kv_heads)
         index = self._cache()[2] if decode else 0
         if self.rotary is not None:
             if positions is None:
@@ -923,6 +923,13 @@ class MultiHeadAttention(Module):
         if overflow is not None:
             attended = jnp.where(overflow, np.asarray(np.nan, attended.dtype), attended)
         return self.out(attended.reshape(*lead, t, self.qkv_size))
+
+    def _heads(self, projection: Module, x: jax.Array, heads: int) -> jax.Array:
+        """``(*batch, L, heads, head_dim)``: a Dense splits its output itself (faster), any
+        other module (a replacement, a LoRA wrapper) has its output reshaped."""
+        if isinstance(projection, Dense):
+            return projection(x, heads=heads)
+        return projection(x).reshape(*x.shape[:-1], heads, self.head_dim)
 
     def _check_inputs(self, query: jax.Array, key: jax.Array, value: jax.Array) -> None:
         shapes = f"query {query.shape}, key {key.shape}, value {value.shape}"

@@ -80,17 +80,27 @@ class Dense(Module):
         """``torch.nn.Linear``: ``weight`` ``(out, in)`` is the kernel transposed."""
         return [transposed("weight", "kernel", (1, 0))]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, heads: int | None = None) -> jax.Array:
         """Applies the layer.
 
         Args:
             x: input of shape ``(*batch, in_size)``, any number of leading batch axes.
+            heads: None, or a number dividing ``out_size``: the output split into ``heads``
+                equal groups of features, ``(*batch, heads, out_size // heads)``, as
+                ``y.reshape(*batch, heads, -1)`` but computed as one contraction with the
+                kernel viewed as ``(in_size, heads, out_size // heads)``. What follows (the
+                attention of :class:`MultiHeadAttention`, which projects its heads this way)
+                then gets its operands in the layout XLA picks for it, not one fixed by a
+                reshape: a tenth faster on CPU.
 
         Returns:
-            The output, of shape ``(*batch, out_size)`` and the computation dtype.
+            The output, of shape ``(*batch, out_size)`` (or ``(*batch, heads, out_size //
+            heads)``) and the computation dtype.
 
         Raises:
             InputShapeError: if the last axis of ``x`` is not ``in_size`` long.
+            LayerConfigError: if ``heads`` is not None or a positive int dividing
+                ``out_size``.
         """
         if not isinstance(x, jax.Array):
             x = jnp.asarray(x)
@@ -103,8 +113,22 @@ class Dense(Module):
             )
         kernel, bias = self.kernel, self.bias
         dtype = compute_dtype(self.dtype, x, kernel, bias)
-        y = cast(x, dtype) @ cast(kernel, dtype)
-        return y if bias is None else add_bias(y, cast(bias, dtype))
+        if heads is None:
+            y = cast(x, dtype) @ cast(kernel, dtype)
+            return y if bias is None else add_bias(y, cast(bias, dtype))
+        if (
+            isinstance(heads, bool)
+            or not isinstance(heads, int)
+            or heads < 1
+            or self.out_size % heads
+        ):
+            raise errors.LayerConfigError(
+                f"{module_label(self)}: `heads` must be None or a positive int dividing "
+                f"out_size={self.out_size}, got {heads!r:.60}."
+            )
+        split = (heads, self.out_size // heads)
+        y = jnp.einsum("...i,ihd->...hd", cast(x, dtype), cast(kernel, dtype).reshape(-1, *split))
+        return y if bias is None else add_bias(y, cast(bias, dtype).reshape(split))
 
 
 class Einsum(Module):

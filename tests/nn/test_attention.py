@@ -233,6 +233,29 @@ def test_default_implementation_on_cpu_is_the_einsums(monkeypatch):
     assert [kw["implementation"] for kw in calls] == ["xla"]
 
 
+def test_projections_that_are_no_dense_are_called_and_reshaped(numpy_init):
+    # A Dense projects straight into heads (Dense(..., heads=)); a replacement such as a LoRA
+    # adapter is called as it is and its output reshaped.
+    layer = MultiHeadAttention(4, 16, num_kv_heads=2)
+    variables = numpy_init(mx.transform(layer).init)
+    x = _normal((2, 3, 16))
+    plain = mx.transform(layer).apply(variables, None, x, is_causal=True)[0]
+    adapted = mx.lora(layer, rank=2, target=lambda path, module: path[-1] != "out")
+    init_fn, apply_fn = mx.transform(adapted)
+    lora_variables = init_fn(jax.random.key(1))
+    lora_variables["params"].update(
+        {
+            name: {**lora_variables["params"][name], **variables["params"][name]}
+            for name in variables["params"]
+        }
+    )
+    assert_close(apply_fn(lora_variables, None, x, is_causal=True)[0], plain, n=N_LAYER)
+    lora_variables["params"]["key"]["lora_b"] = jnp.ones_like(
+        lora_variables["params"]["key"]["lora_b"]
+    )
+    assert not np.allclose(apply_fn(lora_variables, None, x, is_causal=True)[0], plain, atol=1e-3)
+
+
 def test_implementation_errors():
     q, k = _normal((2, 3, 4, 8)), _normal((2, 5, 2, 8), 1)
     with pytest.raises(

@@ -104,8 +104,8 @@ class _Net(mx.Module):
     def __init__(self):
         self.fc = mx.Dense(5, 3)
 
-    def __call__(self, x):
-        return self.fc(x)
+    def __call__(self, x, **kwargs):
+        return self.fc(x, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(2, 4), ()])
@@ -117,6 +117,34 @@ def test_wrong_input_size(numpy_init, shape):
     assert "Dense at 'fc'" in message
     assert "in_size=5" in message and str(shape) in message
     assert "in_size equal to the input's last axis" in message
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_heads_split_the_output(numpy_init, use_bias):
+    init_fn, apply_fn = mx.transform(mx.Dense(8, 12, use_bias=use_bias, dtype=jnp.bfloat16))
+    variables = numpy_init(init_fn)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 8)), jnp.float32)
+
+    @jax.jit
+    def outputs(variables, x):
+        plain = apply_fn(variables, None, x)[0]
+        return (
+            plain,
+            apply_fn(variables, None, x, heads=3)[0],
+            apply_fn(variables, None, x[0, 0], heads=12)[0],
+        )
+
+    plain, split, one = outputs(variables, x)
+    assert split.shape == (2, 5, 3, 4) and split.dtype == jnp.bfloat16
+    assert_close(split, plain.reshape(2, 5, 3, 4), n=8)
+    assert_close(one, plain[0, 0].reshape(12, 1), n=8)
+
+
+@pytest.mark.parametrize("heads", [5, 0, -3, 2.0, True, "3"])
+def test_heads_must_divide_out_size(numpy_init, heads):
+    init_fn, apply_fn = mx.transform(_Net())
+    with pytest.raises(mx.errors.LayerConfigError, match=r"Dense at 'fc'.*dividing out_size=3"):
+        apply_fn(numpy_init(init_fn), None, jnp.ones((2, 5)), heads=heads)
 
 
 @pytest.mark.parametrize("sizes", [(0, 3), (3, -1), (2.5, 3), (True, 3), ("4", 3)])
