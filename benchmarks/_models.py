@@ -735,7 +735,7 @@ def _nnx_built(model: Any, name: str, call: Callable[[Any, jax.Array, Any], jax.
     graphdef, params, state = nnx.split(model, nnx.Param, ...)
 
     def forward(p, state, rng, x):
-        module = nnx.merge(graphdef, p, state)
+        module = nnx.merge(graphdef, p, state, copy=True)  # Variables of this trace level
         logits = call(module, x, rng)
         return logits, nnx.split(module, nnx.Param, ...)[2]
 
