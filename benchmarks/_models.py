@@ -363,17 +363,22 @@ def _layer_norm(p: Any, x: jax.Array) -> jax.Array:
 
 
 def _attention(p: Any, x: jax.Array, heads: int) -> jax.Array:
-    *lead, t, d = x.shape
+    """Causal self-attention, the projections as einsums over the kernels reshaped per head
+    (a free reshape of the stored ``(d, d)`` kernels), the query scaled before the logits."""
+    t, d = x.shape[-2:]
+    size = d // heads
 
-    def split(y: jax.Array) -> jax.Array:
-        return y.reshape(*lead, t, heads, d // heads)
+    def project(name: str) -> jax.Array:
+        kernel = p[name]["kernel"].reshape(d, heads, size)
+        return jnp.einsum("btd,dhk->bthk", x, kernel) + p[name]["bias"].reshape(heads, size)
 
-    q, k, v = (split(_dense(p[name], x)) for name in ("query", "key", "value"))
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(d // heads)
+    q, k, v = project("query") / math.sqrt(size), project("key"), project("value")
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k)
     causal = jnp.tril(jnp.ones((t, t), bool))
     weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(logits.dtype).min), axis=-1)
-    out = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*lead, t, d)
-    return _dense(p["out"], out)
+    out = jnp.einsum("bhqs,bshk->bqhk", weights, v)
+    kernel = p["out"]["kernel"].reshape(heads, size, d)
+    return jnp.einsum("bqhk,hkd->bqd", out, kernel) + p["out"]["bias"]
 
 
 def _block(p: Any, x: jax.Array) -> jax.Array:
