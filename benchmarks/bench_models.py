@@ -273,7 +273,8 @@ def main() -> int:
     for note in notes:
         print(note)
     if missing:
-        print(f"Peers not installed ({', '.join(missing)}): their targets are not checked.")
+        names = ", ".join(PEERS[m] for m in missing)
+        print(f"Peers not installed ({names}): their targets are not checked.")
     print(
         f"\n{len(fails)} target(s) failed{': ' + '; '.join(fails) if fails else ''}. "
         f"Total time {time.perf_counter() - started:.0f} s."
