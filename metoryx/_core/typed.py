@@ -35,6 +35,8 @@ __all__ = [
     "jit",
     "jnp_array",
     "jnp_asarray",
+    "lax_broadcast",
+    "lax_fori_loop",
     "lax_gather",
     "lax_map",
     "np_iscomplexobj",
@@ -77,6 +79,12 @@ if TYPE_CHECKING:
 
     def lax_map(f: Callable[[Any], Any], xs: Any, /) -> Any: ...
 
+    def lax_broadcast(operand: Any, sizes: Sequence[int], /) -> jax.Array: ...
+
+    def lax_fori_loop(
+        lower: int, upper: int, body_fun: Callable[[Any, T], T], init_val: T, /
+    ) -> T: ...
+
     def lax_gather(
         operand: ArrayLike,
         start_indices: ArrayLike,
@@ -117,6 +125,8 @@ else:
     from jax import config, jit
     from jax.core import Tracer
     from jax.extend.core import get_opaque_trace_state
+    from jax.lax import broadcast as lax_broadcast
+    from jax.lax import fori_loop as lax_fori_loop
     from jax.lax import gather as lax_gather
     from jax.lax import map as lax_map
     from jax.numpy import array as jnp_array
