@@ -9,7 +9,8 @@ step (``value_and_grad`` and an ``optax.adam`` update) of two models: a small GP
 
 Run as a script (``python tests/test_compilation_cache.py OUT [CACHE_DIR]``), this file is the
 child process: it writes the lowered texts and, with a cache directory, the number of
-persistent-cache hits of each step's compile to ``OUT`` as JSON.
+persistent-cache hits of each step's compile and of an eager ``init_fn`` (one jitted program)
+to ``OUT`` as JSON.
 """
 
 from __future__ import annotations
@@ -124,13 +125,19 @@ def child(out: Path, cache_dir: str | None) -> None:
                 hits.append(event)
 
         jax.monitoring.register_event_listener(listen)
+    key = jax.random.key(0)
     report = {}
     for name, (factory, x, y) in MODELS.items():
-        step = lowered(factory(), x, y)
-        before = len(hits)
+        model = factory()
+        step = lowered(model, x, y)
+        report[name] = {"text": step.as_text(), "hits": 0, "init_hits": 0}
         if cache_dir is not None:
+            before = len(hits)
             step.compile()
-        report[name] = {"text": step.as_text(), "hits": len(hits) - before}
+            report[name]["hits"] = len(hits) - before
+            before = len(hits)
+            jax.block_until_ready(mx.transform(model).init(key))  # an eager init: one program
+            report[name]["init_hits"] = len(hits) - before
     out.write_text(json.dumps(report))
 
 
@@ -154,6 +161,7 @@ def test_the_lowered_step_is_the_same_in_two_processes_and_the_second_hits_the_c
         assert first[name]["text"] == second[name]["text"], name
         assert first[name]["hits"] == 0, name  # a fresh cache: compiled and written
         assert second[name]["hits"] == 1, name  # served from the cache, not compiled
+        assert (first[name]["init_hits"], second[name]["init_hits"]) == (0, 1), name
     # Every program the second process compiled came from the cache: nothing was added.
     assert sorted(p.name for p in cache.iterdir()) == files
 
