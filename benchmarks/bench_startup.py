@@ -225,7 +225,7 @@ def tables(
                 *(f"{t:.2f}" for t in phases),
                 f"{total:.2f}",
                 f"{median(reports, 'process'):.2f}",
-                f"{ratio:.2f}",
+                f"{ratio:.2f}" if hand else "-",
             ]
         )
     out = [
@@ -279,6 +279,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one repeat, fewer cases")
     parser.add_argument("--repeats", type=int, default=None, help="processes per case (5)")
     parser.add_argument("--libraries", nargs="+", default=None, help="some libraries only")
+    parser.add_argument("--cache-repeats", type=int, default=3, help="cached starts per case")
     parser.add_argument("--no-cache", action="store_true", help="skip the cached starts")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "LIBRARY", "SCAN"))
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
@@ -290,7 +291,6 @@ def main() -> int:
 
     sys.path.insert(0, str(HERE))
     import _models as models
-    import jax
     import optax
     from _timing import header
 
@@ -305,7 +305,8 @@ def main() -> int:
         for lib in libraries
     ]
     print(header(mx, optax, *models.PEER_MODULES))
-    print(f"{repeats} cold processes per case, interleaved; JAX {jax.__version__}\n")
+    warm_repeats = 1 if args.quick else args.cache_repeats
+    print(f"{repeats} cold and {warm_repeats} cached processes per case, interleaved; medians\n")
     write_bytecode()
     cold = interleave(cases, repeats, run_child)
     warm: dict[Any, list[dict[str, Any]]] = {}
@@ -315,7 +316,7 @@ def main() -> int:
             dirs = {case: os.path.join(root, "-".join(map(str, case))) for case in cached}
             for case in cached:  # fill each case's cache
                 run_child(case, dirs[case])
-            warm = interleave(cached, repeats, lambda case: run_child(case, dirs[case]))
+            warm = interleave(cached, warm_repeats, lambda case: run_child(case, dirs[case]))
     print(tables(cases, cold, warm))
     missed = [label(c) for c, rs in warm.items() if min(r["hits"]["first step"] for r in rs) < 1]
     losses = {c: cold[c][0]["loss"] for c in cases}
