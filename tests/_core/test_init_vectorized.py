@@ -337,3 +337,14 @@ def test_an_eager_init_is_one_compiled_program_with_the_bits_of_the_jitted_init(
     assert flatten_variables(eager).keys() == flatten_variables(jitted).keys()
     for path, value in flatten_variables(jitted).items():
         assert np.asarray(flatten_variables(eager)[path]).tobytes() == np.asarray(value).tobytes()
+
+
+def test_without_jit_the_draws_are_dispatched_one_by_one_with_the_same_values():
+    # The op-by-op path (eager vmap and slices) still serves jax.disable_jit() and the error
+    # path: the same draws, within the rounding of other kernels for the normal samplers.
+    models = [Bank(RANDOM[name], (5, 7), jnp.float32) for name in ("he_uniform", "normal")]
+    for model, exact in zip(models, (True, False), strict=True):
+        init_fn = mx.transform(model).init
+        with jax.disable_jit():
+            eager = init_fn(jax.random.key(2))
+        assert_same_draws(eager, flatten_variables(init_fn(jax.random.key(2))), exact)
