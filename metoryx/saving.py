@@ -8,8 +8,8 @@ NamedTuple field names, typed PRNG keys), a CRC-32C of every tensor, and the use
 Nothing is pickled, so loading a file never runs code.
 
 Writes are atomic (a file in a scratch directory beside the target, flushed to disk, renamed
-over the target): a crash at any moment leaves the old file or the new one. Reads check every tensor's
-checksum by default and read each tensor once, into the buffer the returned array keeps.
+over the target): a crash at any moment leaves the old file or the new one. Reads check every
+tensor's checksum by default and read each tensor once, into the buffer the returned array keeps.
 """
 
 from __future__ import annotations

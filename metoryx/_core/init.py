@@ -32,7 +32,15 @@ from metoryx import errors, initializers
 from metoryx._core.context import BoundVariable
 from metoryx._core.paths import path_str
 from metoryx._core.rng import fold_in_path, fold_in_paths, path_words
-from metoryx._core.typed import Tracer, jit, jnp_array, jnp_asarray, lax_gather, lax_map
+from metoryx._core.typed import (
+    Tracer,
+    jit,
+    jnp_array,
+    jnp_asarray,
+    lax_gather,
+    lax_map,
+    np_concatenate,
+)
 from metoryx._core.variables import Variable
 
 # The most elements drawn in one vmapped call: a group holds its stacked draw and the split
@@ -147,7 +155,7 @@ class _Pass:
         self.variables = variables
         self.steps = steps
         self.spans: list[tuple[int, int] | None] = []
-        chunks: list[np.ndarray] = []
+        chunks: list[np.ndarray[Any, np.dtype[np.uint32]]] = []
         count = 0
         for step in steps:
             words = step.words if isinstance(step, Group) else _single_words(variables[step])
@@ -157,7 +165,7 @@ class _Pass:
             self.spans.append((count, count + len(words)))
             chunks.append(words)
             count += len(words)
-        self.words = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.uint32)
+        self.words = np_concatenate(chunks) if chunks else np.zeros((0, 2), np.uint32)
 
     def draw(self, key: jax.Array) -> list[Any]:
         """The arrays of the steps' variables (None in the other slots), from the root key."""

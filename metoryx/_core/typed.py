@@ -18,6 +18,8 @@ Example:
     >>> from metoryx._core import typed
     >>> typed.jnp_asarray is jnp.asarray and typed.np_shape is np.shape
     True
+    >>> typed.np_concatenate is np.concatenate
+    True
     >>> typed.tree_flatten is jax.tree_util.tree_flatten and typed.jit is jax.jit
     True
     >>> typed.Tracer is jax.core.Tracer
@@ -39,6 +41,7 @@ __all__ = [
     "lax_fori_loop",
     "lax_gather",
     "lax_map",
+    "np_concatenate",
     "np_iscomplexobj",
     "np_shape",
     "register_pytree_node",
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from typing import ParamSpec, TypeVar
 
     import jax
+    import numpy as np
     from jax import core, lax
     from jax.typing import ArrayLike, DTypeLike
 
@@ -74,6 +78,8 @@ if TYPE_CHECKING:
     def np_shape(a: Any, /) -> tuple[int, ...]: ...
 
     def np_iscomplexobj(x: Any, /) -> bool: ...
+
+    def np_concatenate(arrays: Sequence[np.ndarray[Any, Any]], /) -> np.ndarray[Any, Any]: ...
 
     def jit(fun: Callable[P, R], /) -> Callable[P, R]: ...
 
@@ -137,6 +143,7 @@ else:
         tree_flatten,
         tree_unflatten,
     )
+    from numpy import concatenate as np_concatenate
     from numpy import iscomplexobj as np_iscomplexobj
     from numpy import shape as np_shape
 
