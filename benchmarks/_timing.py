@@ -55,6 +55,13 @@ def call_sampler(fn: Callable[[], Any], calls: int) -> Callable[[], float]:
     return sample
 
 
+def one_call(fn: Callable[[], Any]) -> float:
+    """The wall time of one call of ``fn``, blocking on its result."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
 def walk_eqns(jaxpr: Any) -> Iterator[Any]:
     """Every equation of a jaxpr, depth first, including those of nested jaxprs."""
     for eqn in jaxpr.eqns:

@@ -54,11 +54,22 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _hand import (  # noqa: E402
+    EPSILON,
+    MOMENTUM,
+    gru_step,
+    hand_batch_norm,
+    hand_dense,
+    hand_layer_norm,
+    hand_rms_norm,
+    standardize,
+)
 from _timing import (  # noqa: E402
     call_sampler,
     header,
     interleaved,
     markdown,
+    one_call,
     optimized_program,
     paired,
     walk_eqns,
@@ -83,8 +94,6 @@ except ImportError:
 
 TARGET = 1.05
 PASSES = ("forward", "forward+backward")
-EPSILON = 1e-5
-MOMENTUM = 0.9
 DROPOUT_RATE = 0.1
 HEADS = 8
 HIDDEN = 128  # of the recurrent cells
@@ -166,10 +175,6 @@ def function_layer(
 # The hand-written side: what a careful JAX user writes over the same parameter dict.
 
 
-def hand_dense(p: Any, x: jax.Array) -> jax.Array:
-    return x @ p["kernel"] + p["bias"]
-
-
 def hand_conv(dims: tuple[str, str, str], groups: int = 1) -> Callable[..., jax.Array]:
     def conv(p: Any, x: jax.Array) -> jax.Array:
         ndim = len(dims[0]) - 2
@@ -192,35 +197,6 @@ def hand_conv_transpose(p: Any, x: jax.Array) -> jax.Array:
     kernel = lax.rev(p["kernel"], (0, 1))
     y = lax.conv_transpose(x, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_NHWC)
     return y + p["bias"]
-
-
-def hand_batch_norm(p: Any, state: dict[str, Any], x: jax.Array) -> tuple[jax.Array, dict]:
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    centered = x - mean
-    var = jnp.square(centered).mean(axes)
-    y = centered * (lax.rsqrt(var + EPSILON) * p["scale"]) + p["bias"]
-    n = x.size // x.shape[-1]
-    stats = state["batch_stats"]
-    new_stats = {
-        "mean": MOMENTUM * stats["mean"] + (1 - MOMENTUM) * mean,
-        "var": MOMENTUM * stats["var"] + (1 - MOMENTUM) * var * (n / (n - 1)),
-    }
-    return y, {"batch_stats": new_stats}
-
-
-def standardize(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    mean = x.mean(axes, keepdims=True)
-    centered = x - mean
-    return centered * lax.rsqrt(jnp.square(centered).mean(axes, keepdims=True) + EPSILON)
-
-
-def hand_layer_norm(p: Any, x: jax.Array) -> jax.Array:
-    return standardize(x, (-1,)) * p["scale"] + p["bias"]
-
-
-def hand_rms_norm(p: Any, x: jax.Array) -> jax.Array:
-    return x * lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + 1e-6) * p["scale"]
 
 
 def hand_group_norm(groups: int) -> Callable[..., jax.Array]:
@@ -315,15 +291,6 @@ def lstm_step(cell: Any, carry: tuple[jax.Array, jax.Array], xp: jax.Array) -> t
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return (h, c), h
-
-
-def gru_step(cell: Any, h: jax.Array, xp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    xr, xz, xn = jnp.split(xp, 3, -1)
-    hr, hz, hn = jnp.split(h @ cell["recurrent_kernel"] + cell["recurrent_bias"], 3, -1)
-    r = jax.nn.sigmoid(xr + hr)
-    z = jax.nn.sigmoid(xz + hz)
-    h = (1 - z) * jnp.tanh(xn + r * hn) + z * h
-    return h, h
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,12 +546,6 @@ def relative_difference(a: Any, b: Any) -> float:
             x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
             worst = max(worst, float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30)))
     return worst
-
-
-def one_call(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
 
 
 def measure(

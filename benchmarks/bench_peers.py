@@ -62,11 +62,22 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _hand import (  # noqa: E402
+    EPSILON,
+    MOMENTUM,
+    gru_step,
+    hand_batch_norm,
+    hand_dense,
+    hand_layer_norm,
+    hand_rms_norm,
+    standardize,
+)
 from _timing import (  # noqa: E402
     call_sampler,
     header,
     interleaved,
     markdown,
+    one_call,
     optimized_program,
     paired,
 )
@@ -87,8 +98,6 @@ except ImportError:
 PASSES = ("forward", "forward+backward")
 PEERS = ("Linen", "NNX", "Equinox")
 MIN_MARGIN = 0.03  # the smallest noise margin of the verdict
-EPSILON = 1e-5
-MOMENTUM = 0.9
 DROPOUT_RATE = 0.1
 BATCH, SEQ, WIDTH, HEADS = 8, 128, 256, 8
 HEAD_DIM = WIDTH // HEADS
@@ -266,10 +275,6 @@ def rngs() -> Any:
 # The layers: hand-written side, metoryx side and peers.
 
 
-def hand_dense(p: Any, x: jax.Array) -> jax.Array:
-    return x @ p["kernel"] + p["bias"]
-
-
 def dense_case(key: jax.Array) -> Case:
     x = jax.random.normal(key, (BATCH, SEQ, WIDTH))
     sides, p = metoryx_side(mx.Dense(WIDTH, WIDTH), stateless(hand_dense), (x,))
@@ -343,16 +348,6 @@ def conv_transpose_case(key: jax.Array) -> Case:
     return Case("ConvTranspose 4x4 s2 32→16", "8 x 16 x 16 x 32", sides)
 
 
-def standardize(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    mean = x.mean(axes, keepdims=True)
-    centered = x - mean
-    return centered * lax.rsqrt(jnp.square(centered).mean(axes, keepdims=True) + EPSILON)
-
-
-def hand_layer_norm(p: Any, x: jax.Array) -> jax.Array:
-    return standardize(x, (-1,)) * p["scale"] + p["bias"]
-
-
 def layer_norm_case(key: jax.Array) -> Case:
     x = jax.random.normal(key, (BATCH, SEQ, WIDTH)) + 1.0
     sides, p = metoryx_side(mx.LayerNorm(WIDTH), stateless(hand_layer_norm), (x,))
@@ -368,10 +363,6 @@ def layer_norm_case(key: jax.Array) -> Case:
     return Case(f"LayerNorm {WIDTH}", "8 x 128 x 256", sides)
 
 
-def hand_rms_norm(p: Any, x: jax.Array) -> jax.Array:
-    return x * lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + 1e-6) * p["scale"]
-
-
 def rms_norm_case(key: jax.Array) -> Case:
     x = jax.random.normal(key, (BATCH, SEQ, WIDTH))
     sides, p = metoryx_side(mx.RMSNorm(WIDTH), stateless(hand_rms_norm), (x,))
@@ -384,21 +375,6 @@ def rms_norm_case(key: jax.Array) -> Case:
         norm = eqx_set(eqx.nn.RMSNorm(WIDTH, eps=1e-6, use_bias=False), weight=s)
         sides["Equinox"] = eqx_side(norm, lambda m, st, x: (batched(m, 2)(x), st), x)
     return Case(f"RMSNorm {WIDTH}", "8 x 128 x 256", sides)
-
-
-def hand_batch_norm(p: Any, state: Any, x: jax.Array) -> tuple[jax.Array, Any]:
-    axes = tuple(range(x.ndim - 1))
-    mean = x.mean(axes)
-    centered = x - mean
-    var = jnp.square(centered).mean(axes)
-    y = centered * (lax.rsqrt(var + EPSILON) * p["scale"]) + p["bias"]
-    n = x.size // x.shape[-1]
-    stats = state["batch_stats"]
-    new_stats = {
-        "mean": MOMENTUM * stats["mean"] + (1 - MOMENTUM) * mean,
-        "var": MOMENTUM * stats["var"] + (1 - MOMENTUM) * var * (n / (n - 1)),
-    }
-    return y, {"batch_stats": new_stats}
 
 
 def batch_norm_case(key: jax.Array) -> Case:
@@ -512,15 +488,6 @@ def lstm_step(cell: Any, carry: tuple[jax.Array, jax.Array], xp: jax.Array) -> t
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = jax.nn.sigmoid(o) * jnp.tanh(c)
     return (h, c), h
-
-
-def gru_step(cell: Any, h: jax.Array, xp: jax.Array) -> tuple[jax.Array, jax.Array]:
-    xr, xz, xn = jnp.split(xp, 3, -1)
-    hr, hz, hn = jnp.split(h @ cell["recurrent_kernel"] + cell["recurrent_bias"], 3, -1)
-    r = jax.nn.sigmoid(xr + hr)
-    z = jax.nn.sigmoid(xz + hz)
-    h = (1 - z) * jnp.tanh(xn + r * hn) + z * h
-    return h, h
 
 
 def eqx_rnn(cell: Any, carry: Callable[[], Any], out: Callable[[Any], jax.Array]) -> Callable:
@@ -819,12 +786,6 @@ def relative_difference(a: Any, b: Any) -> float:
         scale = max(float(np.abs(x).max()), 1e-6 * largest, 1e-30)
         worst = max(worst, float(np.abs(x - y).max()) / scale)
     return worst
-
-
-def one_call(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
 
 
 def check(case: Case, pass_name: str, results: dict[str, Any], notes: list[str]) -> None:

@@ -149,6 +149,9 @@ def dot_product_attention(
         >>> out = mx.dot_product_attention(q, kv, kv, is_causal=True, causal_offset=2)
         >>> bool(jnp.allclose(out[:, -1], mx.dot_product_attention(q[:, -1:], kv, kv)[:, 0]))
         True
+        >>> jax_own = mx.dot_product_attention(q, kv, kv, implementation="xla")
+        >>> bool(jnp.allclose(jax_own, mx.dot_product_attention(q, kv, kv), atol=1e-6))
+        True
     """
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     lead, heads, t, s = _check_qkv(query, key, value)

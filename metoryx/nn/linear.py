@@ -53,6 +53,8 @@ class Dense(Module):
         >>> y, _ = apply_fn(variables, None, jnp.ones((2, 5, 3)))
         >>> y.shape
         (2, 5, 4)
+        >>> apply_fn(variables, None, jnp.ones((2, 5, 3)), heads=2)[0].shape  # 2 heads of 2
+        (2, 5, 2, 2)
     """
 
     def __init__(
