@@ -398,7 +398,7 @@ class RMSNorm(_Normalization):
         """
         x = _checked_input(self, x, 1, "(..., {size})", _FEATURES_LAST)
         dtype = compute_dtype(self.dtype, x, self.scale)
-        x = cast(x, at_least_float32(dtype))
+        x = _gradient_materialized(cast(x, at_least_float32(dtype)))
         mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         return _scale_and_shift(x * lax.rsqrt(mean_square + self.epsilon), self.scale, None, dtype)
 
@@ -489,7 +489,7 @@ class GroupNorm(_Normalization):
         """
         x = _checked_input(self, x, 2, "(batch, *spatial, {size}) (2+ axes)", _BATCH_FIRST)
         dtype = compute_dtype(self.dtype, x, self.scale, self.bias)
-        x = cast(x, at_least_float32(dtype))
+        x = _gradient_materialized(cast(x, at_least_float32(dtype)))
         shape, groups = x.shape, self.num_groups
         # Statistics per example and channel over the spatial axes, then per group over its
         # channels (each channel has as many values, so the mean of means is the mean): the
@@ -623,8 +623,32 @@ def _checked_input(
     )
 
 
+@jax.custom_jvp
+def _gradient_materialized(x: jax.Array) -> jax.Array:
+    """``x`` itself; its tangent, and so its gradient, passes through
+    ``lax.optimization_barrier``.
+
+    A normalization's input gradient is a sum of several terms (the direct path, the mean's
+    and the variance's), and in a residual network it is added to the gradient of the skip
+    path, block after block. XLA fuses such chains of additions into every consumer, which
+    recomputes the whole chain in each of them: the cost grows with the square of the depth
+    (a 12-block GPT's backward pass ran 1.3x slower than with the gradient materialized once
+    per normalization, on XLA:CPU). The barrier makes each normalization's input gradient one
+    array. The forward computation is unchanged, forward-mode and higher-order derivatives
+    work as before, and the values are the same."""
+    return x
+
+
+@_gradient_materialized.defjvp
+def _gradient_materialized_jvp(
+    primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    return primals[0], lax.optimization_barrier(tangents[0])
+
+
 def _standardize(x: jax.Array, axes: tuple[int, ...], epsilon: float) -> jax.Array:
     """``(x - mean) / sqrt(var + epsilon)``, the mean and biased variance over ``axes``."""
+    x = _gradient_materialized(x)
     mean = jnp.mean(x, axis=axes, keepdims=True)
     # Two passes: the mean of squared deviations, never E[x^2] - E[x]^2, which loses all
     # precision when |mean| is large compared to the spread.

@@ -498,3 +498,76 @@ def test_norms_show_their_arguments(layer):
     for name in parameters:
         assert f"\n    {name}: " in doc
     assert "{norm_args}" not in doc
+
+
+def _plain_norm(name, x, scale, bias, epsilon):
+    """The normalizations of NORMS in plain JAX (autodiff's own derivatives), on (2, 4, 3)."""
+    axes = {"LayerNorm": (2,), "RMSNorm": (2,), "GroupNorm": (1, 2), "InstanceNorm": (1,)}[name]
+    if name == "RMSNorm":
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axes, keepdims=True) + epsilon) * scale
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_derivatives_of_every_order_and_mode(name):
+    # The input gradient passes through an optimization barrier (see the next test): reverse,
+    # forward and second-order derivatives, and vmap of them, are still those of the formula.
+    layer = NORMS[name]()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 4, 3)) * 2 + 1, jnp.float32)
+    scale, bias = (jnp.asarray(rng.standard_normal(3), jnp.float32) for _ in range(2))
+    params = {"scale": scale} if name == "RMSNorm" else {"scale": scale, "bias": bias}
+    scale, bias = scale.reshape(1, 1, 3), bias.reshape(1, 1, 3)  # rank promotion is "raise"
+    apply_fn = mx.transform(layer)[1]
+    weights = jnp.asarray(rng.standard_normal((2, 4, 3)), jnp.float32)
+
+    def ours(x):
+        return jnp.sum(apply_fn({"params": params}, None, x)[0] * weights)
+
+    def plain(x):
+        return jnp.sum(_plain_norm(name, x, scale, bias, layer.epsilon) * weights)
+
+    tangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    xs = jnp.stack([x, 2 * x - 1])
+    for derivative, argument in (
+        (jax.grad, x),
+        (lambda f: lambda x: jax.jvp(f, (x,), (tangent,))[1], x),
+        (lambda f: lambda x: jax.jvp(jax.grad(f), (x,), (tangent,))[1], x),  # Hessian-vector
+        (jax.hessian, x),  # forward over reverse
+        (lambda f: jax.jacrev(jax.grad(f)), x),  # reverse over reverse
+        (lambda f: jax.vmap(jax.grad(f)), xs),  # a batch of gradients
+    ):
+        assert_close(derivative(ours)(argument), derivative(plain)(argument), n=256)
+
+
+def test_norm_input_gradient_is_materialized_once_per_layer():
+    # In a residual stack, each normalization's input gradient is one array (an
+    # optimization_barrier in the backward pass), so that XLA does not fuse the chain of
+    # gradient additions along the skip path into every consumer (cost quadratic in depth).
+    # The forward pass has no barrier.
+    class Stack(mx.Module):
+        def __init__(self):
+            super().__init__()
+            self.norms = [LayerNorm(8), RMSNorm(8), GroupNorm(2, 8), InstanceNorm(8)]
+            self.dense = [mx.Dense(8, 8) for _ in self.norms]
+
+        def __call__(self, x):
+            for norm, dense in zip(self.norms, self.dense, strict=True):
+                x = x + dense(norm(x))
+            return x
+
+    init_fn, apply_fn = mx.transform(Stack())
+    variables = init_fn(jax.random.key(0))
+    x = jnp.ones((2, 3, 8))
+
+    def loss(v, x):
+        return jnp.sum(apply_fn(v, None, x)[0] ** 2)
+
+    def barriers(fn):
+        return str(jax.make_jaxpr(fn)(variables, x)).count("optimization_barrier")
+
+    assert barriers(loss) == 0
+    assert barriers(jax.grad(loss, argnums=(0, 1))) == 4
+    assert barriers(jax.grad(loss)) == 3  # the first input's gradient is not asked for
