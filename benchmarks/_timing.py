@@ -4,6 +4,7 @@ environment header and the Markdown table."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import re
@@ -40,6 +41,16 @@ def paired(samples: dict[str, list[float]], ours: str = "mx", theirs: str = "han
     """The median of the per-repeat ratios ``ours / theirs``: robust to load that drifts
     between repeats, since each repeat times both sides back to back."""
     return statistics.median(o / t for o, t in zip(samples[ours], samples[theirs], strict=True))
+
+
+def median_error(ratios: Sequence[float]) -> float:
+    """Two standard errors of the median of ``ratios`` (per-repeat paired ratios), the spread
+    taken from their interquartile range (``IQR / 1.349`` estimates the standard deviation,
+    and the median's standard error is ``1.253 sigma / sqrt(n)``): how far a median ratio of
+    two identical programs may land from 1 on this machine."""
+    quartiles = statistics.quantiles(ratios, n=4)
+    sigma = (quartiles[2] - quartiles[0]) / 1.349
+    return 2 * 1.253 * sigma / math.sqrt(len(ratios))
 
 
 def call_sampler(fn: Callable[[], Any], calls: int) -> Callable[[], float]:
