@@ -87,9 +87,14 @@ def walk_eqns(jaxpr: Any) -> Iterator[Any]:
 def optimized_program(fn: Callable[..., Any], args: Sequence[Any]) -> str:
     """The HLO that XLA compiles ``fn`` to, without names and source locations: two sides
     with equal texts run the same machine code, whatever their jaxprs."""
-    text = jax.jit(fn).lower(*args).compile().as_text().split("\nFileNames")[0]
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    # The source tables (file and function names, stack frames) sit between the module line
+    # and the computations in XLA's text: their lines are a title or start with a number.
+    sources = re.compile(r"(FileNames|FunctionNames|FileLocations|StackFrames)$|\d+ ")
+    text = "\n".join(line for line in text.splitlines() if not sources.match(line))
     text = re.sub(r", metadata=\{[^}]*\}", "", text)
     text = re.sub(r"^HloModule \S+", "HloModule", text)
+    text = re.sub(r"(\(|, )[\w.-]+: ", r"\1", text)  # a computation's parameter names
     names: dict[str, str] = {}
     return re.sub(r"%[\w.-]+", lambda m: names.setdefault(m.group(0), f"%{len(names)}"), text)
 
