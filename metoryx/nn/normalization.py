@@ -1,5 +1,11 @@
 """Normalization layers: BatchNorm (statistics of the batch, running averages for evaluation),
-and LayerNorm, RMSNorm, GroupNorm and InstanceNorm (statistics of each example)."""
+and LayerNorm, RMSNorm, GroupNorm and InstanceNorm (statistics of each example).
+
+LayerNorm, RMSNorm, GroupNorm and InstanceNorm differentiate with the closed-form derivative of
+the normalization, which keeps only the output and the multiplier for the backward pass, and
+their input gradient is materialized once per layer (an optimization barrier), so that XLA
+does not recompute a deep residual network's chain of gradient additions in every consumer:
+see ``_standardize``. Values and derivatives of every order are those of the formula."""
 
 from __future__ import annotations
 
