@@ -18,6 +18,8 @@ Example:
     >>> from metoryx._core import typed
     >>> typed.jnp_asarray is jnp.asarray and typed.np_shape is np.shape
     True
+    >>> typed.np_concatenate is np.concatenate
+    True
     >>> typed.tree_flatten is jax.tree_util.tree_flatten and typed.jit is jax.jit
     True
     >>> typed.Tracer is jax.core.Tracer
@@ -35,8 +37,11 @@ __all__ = [
     "jit",
     "jnp_array",
     "jnp_asarray",
+    "lax_broadcast",
+    "lax_fori_loop",
     "lax_gather",
     "lax_map",
+    "np_concatenate",
     "np_iscomplexobj",
     "np_shape",
     "register_pytree_node",
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
     from typing import ParamSpec, TypeVar
 
     import jax
+    import numpy as np
     from jax import core, lax
     from jax.typing import ArrayLike, DTypeLike
 
@@ -73,9 +79,17 @@ if TYPE_CHECKING:
 
     def np_iscomplexobj(x: Any, /) -> bool: ...
 
+    def np_concatenate(arrays: Sequence[np.ndarray[Any, Any]], /) -> np.ndarray[Any, Any]: ...
+
     def jit(fun: Callable[P, R], /) -> Callable[P, R]: ...
 
     def lax_map(f: Callable[[Any], Any], xs: Any, /) -> Any: ...
+
+    def lax_broadcast(operand: Any, sizes: Sequence[int], /) -> jax.Array: ...
+
+    def lax_fori_loop(
+        lower: int, upper: int, body_fun: Callable[[Any, T], T], init_val: T, /
+    ) -> T: ...
 
     def lax_gather(
         operand: ArrayLike,
@@ -117,6 +131,8 @@ else:
     from jax import config, jit
     from jax.core import Tracer
     from jax.extend.core import get_opaque_trace_state
+    from jax.lax import broadcast as lax_broadcast
+    from jax.lax import fori_loop as lax_fori_loop
     from jax.lax import gather as lax_gather
     from jax.lax import map as lax_map
     from jax.numpy import array as jnp_array
@@ -127,6 +143,7 @@ else:
         tree_flatten,
         tree_unflatten,
     )
+    from numpy import concatenate as np_concatenate
     from numpy import iscomplexobj as np_iscomplexobj
     from numpy import shape as np_shape
 

@@ -16,7 +16,7 @@ from _tolerance import assert_close  # tests/_tolerance.py
 
 import metoryx as mx
 from metoryx import errors, initializers
-from metoryx._core.init import Group, InitPlan
+from metoryx._core.init import Group, InitPlan, _program
 from metoryx._core.paths import flatten_variables
 from metoryx._core.rng import fold_in_path
 from metoryx._core.transform import Snapshot
@@ -180,10 +180,10 @@ def test_the_model_default_mlp_draws_its_kernels_once_and_its_biases_alone():
     assert len(group.slots) == 10  # zeros are not vectorizable: XLA merges their fills
     jaxpr = jax.make_jaxpr(mx.transform(model).init)(jax.random.key(0))
     deeper = jax.make_jaxpr(mx.transform(MLP(40)).init)(jax.random.key(0))
-    # One sampler for all kernels: 30 more layers add only a bias fill each (and its key, two
-    # fold_ins that XLA drops as unused) and the gather that takes its kernel out of the
-    # stacked draw, not a sampler each.
-    assert len(deeper.eqns) - len(jaxpr.eqns) == 4 * 30
+    # One sampler for all kernels: 30 more layers add only a bias fill each (no key: zeros
+    # ignores it) and the gather that takes its kernel out of the stacked draw, not a sampler
+    # each; the kernels' keys are one batched fold_in for all of them.
+    assert len(deeper.eqns) - len(jaxpr.eqns) == 2 * 30
     assert_same_draws(  # Dense's kernels: lecun_normal
         mx.transform(model).init(jax.random.key(1)), one_by_one(model, jax.random.key(1)), False
     )
@@ -299,3 +299,170 @@ def test_jitted_init_compiles_as_many_kernels_for_40_layers_as_for_4():
 
     # The bodies differ only in the stack's length (4 or 40): their number is what counts.
     assert 0 < len(kernels(compiled(40))) == len(kernels(compiled(4)))
+
+
+def test_an_eager_init_is_one_compiled_program_with_the_bits_of_the_jitted_init():
+    # Dispatched op by op, an eager init compiled each operation for each shape (~30 programs
+    # for a 12-block GPT); now the draws of our initializers are one program, the very one
+    # jax.jit(init_fn) compiles when every initializer is ours: the same bits.
+    class Block(mx.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = mx.LayerNorm(8)
+            self.fc = mx.Dense(8, 8)
+
+    class Net(mx.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = mx.Embed(50, 8)
+            self.stacked = mx.Repeat(Block, 3)
+            self.layers = [mx.Dense(8, 8) for _ in range(2)]
+            self.head = mx.Dense(8, 5, kernel_init=initializers.glorot_uniform())
+
+    init_fn = mx.transform(Net()).init
+    key = jax.random.key(3)
+    _program.cache_clear()  # an equal model's program, made by another test, would be reused
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        eager = init_fn(key)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiles) == 1
+    jitted = jax.jit(init_fn)(key)
+    assert flatten_variables(eager).keys() == flatten_variables(jitted).keys()
+    for path, value in flatten_variables(jitted).items():
+        assert np.asarray(flatten_variables(eager)[path]).tobytes() == np.asarray(value).tobytes()
+
+
+def test_without_jit_the_draws_are_dispatched_one_by_one_with_the_same_values():
+    # The op-by-op path (eager vmap and slices) still serves jax.disable_jit() and the error
+    # path: the same draws, within the rounding of other kernels for the normal samplers.
+    models = [Bank(RANDOM[name], (5, 7), jnp.float32) for name in ("he_uniform", "normal")]
+    for model, exact in zip(models, (True, False), strict=True):
+        init_fn = mx.transform(model).init
+        with jax.disable_jit():
+            eager = init_fn(jax.random.key(2))
+        assert_same_draws(eager, flatten_variables(init_fn(jax.random.key(2))), exact)
+
+
+class Counting:
+    """A pure, vectorizable uniform draw that counts its calls: under the init program's jit it
+    is called only while the program is traced. Hashable by identity, as any function is, and
+    shared by mx.transform's deep copy, as a function is (else each snapshot holds another
+    object, equal only to itself: a program per transform)."""
+
+    vectorizable = True
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+        self.calls = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, key, shape, dtype=jnp.float32):
+        self.calls += 1
+        return self.scale * jax.random.uniform(key, shape, dtype)
+
+
+class Counted(mx.Module):
+    def __init__(self, init, d=6, dtype=jnp.float32, n=3):
+        super().__init__()
+        self.layers = [mx.Dense(d, d, kernel_init=init, param_dtype=dtype) for _ in range(n)]
+        self.norm = mx.LayerNorm(d, param_dtype=dtype)
+
+
+def compiles_of(fn, *args):
+    """``fn(*args)`` and the number of XLA compiles it made."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        out = jax.block_until_ready(fn(*args))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return out, len(compiles)
+
+
+def assert_same_bits(variables, expected):
+    flat, other = flatten_variables(variables), flatten_variables(expected)
+    assert flat.keys() == other.keys()
+    for path, value in other.items():
+        assert np.asarray(flat[path]).tobytes() == np.asarray(value).tobytes(), path
+
+
+def test_equal_models_share_one_init_program_across_transforms():
+    init = Counting()
+    key = jax.random.key(4)
+    model = Counted(init)
+    first, count = compiles_of(mx.transform(model).init, key)
+    assert init.calls == 1 and count == 1  # one trace (a group of 3 kernels), one compile
+    # The same model transformed again, and a separately built equal one: no trace, no compile.
+    for again in (model, Counted(init)):
+        variables, count = compiles_of(mx.transform(again).init, key)
+        assert init.calls == 1 and count == 0
+        assert_same_bits(variables, first)
+    assert_same_bits(first, jax.jit(mx.transform(model).init)(key))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"d": 5},  # a shape
+        {"dtype": jnp.bfloat16},  # a dtype
+        {"n": 4},  # one more variable, hence one more path
+    ],
+)
+def test_a_model_that_differs_gets_its_own_program(change):
+    init = Counting()
+    key = jax.random.key(5)
+    compiles_of(mx.transform(Counted(init)).init, key)
+    other = Counted(init, **change)
+    variables, count = compiles_of(mx.transform(other).init, key)
+    assert init.calls == 2 and count == 1
+    assert_same_bits(variables, jax.jit(mx.transform(other).init)(key))
+    with jax.disable_jit():
+        assert_same_bits(variables, mx.transform(other).init(key))  # uniform: exact
+
+
+def test_another_initializer_object_gets_its_own_program_and_its_values():
+    # Keyed by the initializer object itself (by ==, as groups are; a function or an object
+    # without __eq__ is equal only to itself), never by its name or repr: two closures of one
+    # factory with other constants are two programs, each with its own values.
+    key = jax.random.key(6)
+    first, second = Counting(1.0), Counting(-2.0)
+    a = mx.transform(Counted(first)).init(key)
+    b, count = compiles_of(mx.transform(Counted(second)).init, key)
+    assert (first.calls, second.calls, count) == (1, 1, 1)
+    for path, value in flatten_variables(a).items():
+        if path[-1] == "kernel":
+            np.testing.assert_array_equal(flatten_variables(b)[path], -2.0 * value)
+
+
+def test_an_unhashable_initializer_is_drawn_eagerly_with_the_values_of_the_jitted_init():
+    class Unhashable(Counting):
+        __hash__ = None  # e.g. a dataclass with eq=True: it cannot key the program cache
+
+        def __eq__(self, other):
+            return self is other
+
+    init = Unhashable()
+    model = Counted(init)
+    key = jax.random.key(7)
+    variables = mx.transform(model).init(key)
+    assert init.calls == 3  # one call per variable, eagerly (no group: it cannot key a dict)
+    assert_same_bits(variables, jax.jit(mx.transform(model).init)(key))
+    with jax.disable_jit():
+        assert_same_bits(variables, mx.transform(model).init(key))
+    mx.transform(model).init(key)
+    assert init.calls == 3 + 3 + 3 + 3  # every eager init calls it again: nothing is cached
