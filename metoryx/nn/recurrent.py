@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,19 +70,30 @@ param_dtype: the storage dtype of the parameters.
 """
 
 
+class _Weights(NamedTuple):
+    """A cell's kernels and biases (the biases None without ``use_bias``)."""
+
+    input_kernel: jax.Array
+    input_bias: jax.Array | None
+    recurrent_kernel: jax.Array
+    recurrent_bias: jax.Array | None
+
+
 class _Cell(Module):
     """What the three cells share: the two projections, the carry checks, the torch layout.
 
     A subclass sets ``_gates`` and ``_carry_doc`` and defines ``_recur(carry, projected,
-    dtype)``: one step from the input already projected (``x @ input_kernel + input_bias``).
-    The constructor is the cells' public one (LSTMCell and GRUCell inherit it as it is).
-    :class:`RNN` projects the inputs of every time step in one matrix product before it scans
-    ``_recur``; a call on one step does both.
+    dtype, weights)``: one step from the input already projected (``x @ input_kernel +
+    input_bias``), with the kernels and biases given as :class:`_Weights` (so that
+    :class:`RNN` can pass them across its custom derivative). The constructor is the cells'
+    public one (LSTMCell and GRUCell inherit it as it is). :class:`RNN` projects each step's
+    input inside its loop, or, when differentiated, every step's in one matrix product before
+    it (see :func:`_scan_cell`); a call on one step does both.
     """
 
     _gates: int
     _carry_doc: str  # how the carry is described in messages, e.g. "(h, c)"
-    _recur: Callable[..., tuple[Any, jax.Array]]  # (carry, projected, dtype)
+    _recur: Callable[..., tuple[Any, jax.Array]]  # (carry, projected, dtype, weights)
 
     def __init__(
         self,
@@ -148,7 +159,8 @@ class _Cell(Module):
         self._check_input(x, "x", "(..., in_size)")
         self._check_carry(carry, x.shape[:-1])
         dtype = self._compute_dtype(x, carry)
-        return self._recur(carry, self._project(x, dtype), dtype)
+        weights = self._weights()
+        return self._recur(carry, self._project(x, dtype, weights), dtype, weights)
 
     def initial_carry(self, batch_shape: Sequence[int] = (), dtype: Any = None) -> Any:
         """The zero state: ``h`` of shape ``(*batch_shape, hidden_size)``.
@@ -202,15 +214,22 @@ class _Cell(Module):
             self.recurrent_bias,
         )
 
-    def _project(self, x: jax.Array, dtype: Any) -> jax.Array:
+    def _weights(self) -> _Weights:
+        return _Weights(
+            self.input_kernel, self.input_bias, self.recurrent_kernel, self.recurrent_bias
+        )
+
+    @staticmethod
+    def _project(x: jax.Array, dtype: Any, weights: _Weights) -> jax.Array:
         """``x @ input_kernel + input_bias``, for one step or for every step at once."""
-        y = cast(x, dtype) @ cast(self.input_kernel, dtype)
-        bias = self.input_bias
+        y = cast(x, dtype) @ cast(weights.input_kernel, dtype)
+        bias = weights.input_bias
         return y if bias is None else add_bias(y, cast(bias, dtype))
 
-    def _project_recurrent(self, h: jax.Array, dtype: Any) -> jax.Array:
-        y = cast(h, dtype) @ cast(self.recurrent_kernel, dtype)
-        bias = self.recurrent_bias
+    @staticmethod
+    def _project_recurrent(h: jax.Array, dtype: Any, weights: _Weights) -> jax.Array:
+        y = cast(h, dtype) @ cast(weights.recurrent_kernel, dtype)
+        bias = weights.recurrent_bias
         return y if bias is None else add_bias(y, cast(bias, dtype))
 
 
@@ -290,8 +309,10 @@ class SimpleRNNCell(_Cell):
         name = getattr(self.activation, "__name__", type(self.activation).__name__)
         return f"{super().extra_repr()}, activation={name}"
 
-    def _recur(self, h: jax.Array, projected: jax.Array, dtype: Any) -> tuple[Any, jax.Array]:
-        y = self.activation(projected + self._project_recurrent(h, dtype))
+    def _recur(
+        self, h: jax.Array, projected: jax.Array, dtype: Any, weights: _Weights
+    ) -> tuple[Any, jax.Array]:
+        y = self.activation(projected + self._project_recurrent(h, dtype, weights))
         return cast(y, h.dtype), y
 
 
@@ -356,10 +377,14 @@ class LSTMCell(_Cell):
         return None
 
     def _recur(
-        self, carry: tuple[jax.Array, jax.Array], projected: jax.Array, dtype: Any
+        self,
+        carry: tuple[jax.Array, jax.Array],
+        projected: jax.Array,
+        dtype: Any,
+        weights: _Weights,
     ) -> tuple[Any, jax.Array]:
         h, c = carry
-        gates = projected + self._project_recurrent(h, dtype)
+        gates = projected + self._project_recurrent(h, dtype, weights)
         i, f, g, o = jnp.split(gates, 4, axis=-1)
         new_c = jax.nn.sigmoid(f) * cast(c, dtype) + jax.nn.sigmoid(i) * jnp.tanh(g)
         new_h = jax.nn.sigmoid(o) * jnp.tanh(new_c)
@@ -403,10 +428,12 @@ class GRUCell(_Cell):
     _gates = 3
     _carry_doc = "h"
 
-    def _recur(self, h: jax.Array, projected: jax.Array, dtype: Any) -> tuple[Any, jax.Array]:
+    def _recur(
+        self, h: jax.Array, projected: jax.Array, dtype: Any, weights: _Weights
+    ) -> tuple[Any, jax.Array]:
         hd = cast(h, dtype)
         xr, xz, xn = jnp.split(projected, 3, axis=-1)
-        hr, hz, hn = jnp.split(self._project_recurrent(hd, dtype), 3, axis=-1)
+        hr, hz, hn = jnp.split(self._project_recurrent(hd, dtype, weights), 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
         z = jax.nn.sigmoid(xz + hz)
         n = jnp.tanh(xn + r * hn)
@@ -433,8 +460,9 @@ class RNN(Module):
     The input is batch-first, ``(*batch, time, features)`` (PyTorch's ``batch_first=True``),
     or time-major, ``(time, *batch, features)``, with ``time_major=True``. The compiled
     program holds one ``scan`` whatever the length of the sequence. For the cells of this
-    module, the input projection of all time steps is one matrix product before the scan,
-    which runs only the recurrent part.
+    module, each step projects its input inside the loop (the quickest forward pass), and the
+    derivative is that of projecting every step's input in one matrix product before the loop
+    (the quickest backward pass); the two agree within float32 rounding.
 
     ``reverse=True`` runs from the last step to the first and returns the outputs in the
     original order, as the backward direction of a bidirectional PyTorch RNN.
@@ -562,24 +590,14 @@ class RNN(Module):
         cell: Any = self.cell
         carry = cell.initial_carry(batch_shape) if initial_carry is None else initial_carry
         mask = None if seq_lengths is None else self._mask(seq_lengths, batch_shape, len(xs))
-        step: Callable[[Any, Any], tuple[Any, Any]] = cell
-        inputs = xs
         if isinstance(cell, _Cell):
             cell._check_input(xs, "an input", layout)
             cell._check_carry(carry, batch_shape)
             dtype = cell._compute_dtype(xs, carry)
-            inputs = cell._project(xs, dtype)
-            step = functools.partial(cell._recur, dtype=dtype)
-
-        def masked_step(carry: Any, scanned: tuple[Any, jax.Array]) -> tuple[Any, Any]:
-            inputs, valid = scanned
-            new_carry, y = step(carry, inputs)
-            kept = jax.tree.map(lambda n, o: jnp.where(_expand(valid, n), n, o), new_carry, carry)
-            return kept, jax.tree.map(lambda y: jnp.where(_expand(valid, y), y, 0), y)
-
-        body: Callable[[Any, Any], tuple[Any, Any]] = step if mask is None else masked_step
-        scanned: Any = inputs if mask is None else (inputs, mask)
-        carry, ys = lax.scan(body, carry, scanned, reverse=self.reverse, unroll=self.unroll)
+            scan = functools.partial(_scan_cell, cell, dtype, self.reverse, self.unroll)
+            carry, ys = scan(cell._weights(), carry, xs, mask)
+        else:
+            carry, ys = _scan(cell, mask, self.reverse, self.unroll, carry, xs)
         if not self.return_sequences:
             outputs = self._last(ys, seq_lengths)
         else:
@@ -621,6 +639,66 @@ _MERGES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "sum": lambda a, b: a + b,
     "mean": lambda a, b: (a + b) / 2,
 }
+
+
+def _scan(
+    step: Callable[[Any, Any], tuple[Any, Any]],
+    mask: jax.Array | None,
+    reverse: bool,
+    unroll: int,
+    carry: Any,
+    inputs: Any,
+) -> tuple[Any, Any]:
+    """``lax.scan`` of ``step`` over ``inputs`` (time first); with a ``mask`` (time first),
+    the carry is kept and the output zero at the steps it marks as padding."""
+
+    def masked_step(carry: Any, scanned: tuple[Any, jax.Array]) -> tuple[Any, Any]:
+        inputs, valid = scanned
+        new_carry, y = step(carry, inputs)
+        kept = jax.tree.map(lambda n, o: jnp.where(_expand(valid, n), n, o), new_carry, carry)
+        return kept, jax.tree.map(lambda y: jnp.where(_expand(valid, y), y, 0), y)
+
+    if mask is None:
+        return lax.scan(step, carry, inputs, reverse=reverse, unroll=unroll)
+    return lax.scan(masked_step, carry, (inputs, mask), reverse=reverse, unroll=unroll)
+
+
+def _scan_cell(
+    cell: _Cell,
+    dtype: Any,
+    reverse: bool,
+    unroll: int,
+    weights: _Weights,
+    carry: Any,
+    xs: jax.Array,
+    mask: jax.Array | None,
+) -> tuple[Any, Any]:
+    """One of our cells scanned over ``xs`` (time first).
+
+    Each step projects its own input inside the loop, ``x_t @ input_kernel``, next to the
+    recurrent product: the fastest forward pass on XLA:CPU (LSTM and GRU 0.45 to 0.6x the time
+    of projecting all steps first, level with Flax). Differentiated, that loop would
+    accumulate the input kernel's gradient step by step; so the derivative (a custom JVP) is
+    the one of the other form, every step's input projected in one matrix product before the
+    loop, whose backward pass computes that gradient in one product after it (training ~1.1 to
+    1.2x faster than with the projection inside). The two forms are the same function up to
+    float32 rounding; the arrays are explicit arguments (the mask too), since a custom
+    derivative cannot close over traced values."""
+
+    def projected_inside(weights: _Weights, carry: Any, xs: jax.Array, mask: Any) -> Any:
+        def step(carry: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+            return cell._recur(carry, cell._project(x, dtype, weights), dtype, weights)
+
+        return _scan(step, mask, reverse, unroll, carry, xs)
+
+    def projected_first(weights: _Weights, carry: Any, xs: jax.Array, mask: Any) -> Any:
+        projected = cell._project(xs, dtype, weights)
+        step = functools.partial(cell._recur, dtype=dtype, weights=weights)
+        return _scan(step, mask, reverse, unroll, carry, projected)
+
+    scan = jax.custom_jvp(projected_inside)
+    scan.defjvp(lambda primals, tangents: jax.jvp(projected_first, primals, tangents))
+    return scan(weights, carry, xs, mask)
 
 
 class Bidirectional(Module):

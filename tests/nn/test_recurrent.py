@@ -273,13 +273,36 @@ def test_one_scan_whatever_the_length(numpy_init, jitted_equations):
     init_fn, apply_fn = mx.transform(_rnn("lstm"))
     params = numpy_init(init_fn)["params"]
     run = lambda p, x: apply_fn({"params": p}, None, x)[0]  # noqa: E731
-    short = jitted_equations(run, params, jnp.ones((B, 2, IN)))
-    long = jitted_equations(run, params, jnp.ones((B, 50, IN)))
-    names = [name for name, _ in short]
-    assert names.count("scan") == 1
-    assert names == [name for name, _ in long]
-    # The input projection of every step is one product before the scan.
-    assert names.index("dot_general") < names.index("scan")
+
+    def scans(fn, *args):  # the primitives of each scan body, in order, nested ones included
+        found = []
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "scan":
+                    found.append([e.primitive.name for e in eqn.params["jaxpr"].jaxpr.eqns])
+                for value in eqn.params.values():
+                    inner = getattr(value, "jaxpr", value)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+        walk(jax.make_jaxpr(fn)(*args).jaxpr)
+        return found
+
+    short = scans(run, params, jnp.ones((B, 2, IN)))
+    assert len(short) == 1
+    assert short == scans(run, params, jnp.ones((B, 50, IN)))
+    # Forward, each step projects its input and its state inside the loop: two products.
+    assert short[0].count("dot_general") == 2
+
+    # Differentiated, every step's input is projected before the loop, whose steps then hold
+    # one product forward and the transposed ones backward.
+    def loss(p, x):
+        return jnp.sum(run(p, x) ** 2)
+
+    grad_scans = scans(jax.grad(loss), params, jnp.ones((B, 2, IN)))
+    assert [body.count("dot_general") for body in grad_scans] == [1, 2]
+    assert grad_scans == scans(jax.grad(loss), params, jnp.ones((B, 50, IN)))
 
 
 def test_grad_and_vmap(numpy_init):
@@ -298,6 +321,50 @@ def test_grad_and_vmap(numpy_init):
     batched = jax.jit(jax.vmap(lambda x: run(variables, x, seq_lengths=lengths)))(xs)
     for x, y in zip(xs, batched, strict=True):
         assert_close(y, run(variables, x, seq_lengths=lengths), n=N)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind):
+    # RNN projects inside its loop and differentiates through a custom JVP of the form that
+    # projects first: every derivative must be that of the cell stepped by a Python loop.
+    # Reversed with padding, so that the masks cross the custom derivative too.
+    model = _rnn(kind, reverse=True)
+    init_fn, apply_fn = mx.transform(model)
+    params = numpy_init(init_fn)["params"]
+    cell_apply = mx.transform(model.cell)[1]
+    lengths = jnp.array([T, 2])
+    x = jnp.asarray(_randn(B, T, IN))
+
+    def ours(params, x):
+        return apply_fn({"params": params}, None, x, seq_lengths=lengths)[0]
+
+    def loop(params, x):  # each sequence from its last step back to its first, zeros after
+        outputs = []
+        for b, n in enumerate(lengths.tolist()):
+            carry, ys = model.cell.initial_carry(), [jnp.zeros(H)] * T
+            for t in reversed(range(n)):
+                (carry, ys[t]), _ = cell_apply({"params": params["cell"]}, None, carry, x[b, t])
+            outputs.append(jnp.stack(ys))
+        return jnp.stack(outputs)
+
+    weights = jnp.asarray(_randn(B, T, H, seed=1))
+    tangents = jax.tree.map(lambda a: jnp.ones_like(a) / a.size, (params, x))
+
+    def loss(fn):
+        return lambda params, x: jnp.sum(jnp.tanh(fn(params, x)) * weights)
+
+    for derivative in (
+        lambda f: jax.grad(loss(f), argnums=(0, 1)),
+        lambda f: lambda *args: jax.jvp(f, args, tangents)[1],  # forward mode
+        lambda f: lambda *args: jax.jvp(jax.grad(loss(f)), args, tangents)[1],  # Hessian-vector
+        lambda f: lambda p, x: jax.vmap(jax.grad(loss(f)), (None, 0))(p, jnp.stack([x, -x])),
+    ):
+        for a, b in zip(
+            jax.tree.leaves(derivative(ours)(params, x)),
+            jax.tree.leaves(derivative(loop)(params, x)),
+            strict=True,
+        ):
+            assert_close(a, b, n=4 * N)  # second derivatives: a few times more roundings
 
 
 class _SumCell(mx.Module):
