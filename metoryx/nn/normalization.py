@@ -1,11 +1,12 @@
 """Normalization layers: BatchNorm (statistics of the batch, running averages for evaluation),
 and LayerNorm, RMSNorm, GroupNorm and InstanceNorm (statistics of each example).
 
-LayerNorm, RMSNorm, GroupNorm and InstanceNorm differentiate with the closed-form derivative of
-the normalization, which keeps only the output and the multiplier for the backward pass, and
-their input gradient is materialized once per layer (an optimization barrier), so that XLA
-does not recompute a deep residual network's chain of gradient additions in every consumer:
-see ``_standardize``. Values and derivatives of every order are those of the formula."""
+LayerNorm, GroupNorm and InstanceNorm differentiate with the closed-form derivative of the
+normalization, which keeps only the output and the multiplier for the backward pass; in these
+and RMSNorm the input gradient is materialized once per layer (an optimization barrier), so
+that XLA does not recompute a deep residual network's chain of gradient additions in every
+consumer: see ``_standardize``. Values and derivatives of every order are those of the
+formula."""
 
 from __future__ import annotations
 
@@ -646,9 +647,9 @@ def _standardize(
     """The normalization of LayerNorm, RMSNorm (``center=False``), GroupNorm (``groups``) and
     InstanceNorm, before the scale and bias: see :func:`_standardized`.
 
-    Its derivative is the closed form ``dy = r * (dx - mean(dx) - y * mean(y * dx))`` (no
-    ``mean(dx)`` term without centering), with ``r`` the multiplier, rather than autodiff's
-    trace of the two passes. It keeps two arrays for the backward pass (``y`` and ``r``) where
+    Centered, its derivative is the closed form ``dy = r * (dx - mean(dx) - y * mean(y *
+    dx))``, with ``r`` the multiplier, rather than autodiff's trace of the two passes (without
+    centering, autodiff's own, which is as short). It keeps two arrays for the backward pass (``y`` and ``r``) where
     the traced form keeps each intermediate; under ``mx.Repeat`` (``lax.scan``) each one is a
     stacked buffer, and a 12-block GPT's scanned train step runs ~1.4x faster with the closed
     form.
@@ -672,11 +673,13 @@ def _standardize_jvp(
     tangents: tuple[jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
     (x,), (dx,) = primals, tangents
-    y, multiplier = _standardized(x, axes, groups, epsilon, center)
     dx = lax.optimization_barrier(dx)
-    inner = dx - y * _mean(y * dx, axes, groups)
-    if center:
-        inner = inner - _mean(dx, axes, groups)
+    if not center:
+        # Without centering, autodiff's derivative of the formula keeps as few arrays as the
+        # closed form (x and r), and XLA:CPU fuses it better (RMSNorm alone: 0.95x).
+        return jax.jvp(lambda x: _standardized(x, axes, groups, epsilon, False)[0], (x,), (dx,))
+    y, multiplier = _standardized(x, axes, groups, epsilon, center)
+    inner = dx - _mean(dx, axes, groups) - y * _mean(y * dx, axes, groups)
     return y, multiplier * inner
 
 
