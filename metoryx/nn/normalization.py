@@ -649,10 +649,10 @@ def _standardize(
 
     Centered, its derivative is the closed form ``dy = r * (dx - mean(dx) - y * mean(y *
     dx))``, with ``r`` the multiplier, rather than autodiff's trace of the two passes (without
-    centering, autodiff's own, which is as short). It keeps two arrays for the backward pass (``y`` and ``r``) where
-    the traced form keeps each intermediate; under ``mx.Repeat`` (``lax.scan``) each one is a
-    stacked buffer, and a 12-block GPT's scanned train step runs ~1.4x faster with the closed
-    form.
+    centering, autodiff's own, which is as short). It keeps two arrays for the backward pass
+    (``y`` and ``r``) where the traced form keeps each intermediate; under ``mx.Repeat``
+    (``lax.scan``) each one is a stacked buffer, and a 12-block GPT's scanned train step runs
+    ~1.4x faster with the closed form.
 
     The tangent ``dx`` passes through ``lax.optimization_barrier``, so that the input gradient
     is one array. In a residual network it is added to the skip path's gradient, block after
