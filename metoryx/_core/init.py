@@ -118,14 +118,14 @@ def _steps(variables: list[BoundVariable], limit: int) -> list[Group | int]:
     steps: list[Group | int] = []
     for i, bound in enumerate(variables):
         var = bound.variable
-        if not var.has_value and getattr(var.init, "vectorizable", False) is True:
-            dtype = jax.dtypes.canonicalize_dtype(var.dtype)
-            try:
-                alike.setdefault((var.init, var.shape, dtype), []).append(i)
-                continue
-            except TypeError:  # an unhashable initializer: drawn alone
-                pass
-        steps.append(i)
+        if var.has_value or getattr(var.init, "vectorizable", False) is not True:
+            steps.append(i)
+            continue
+        dtype = jax.dtypes.canonicalize_dtype(var.dtype)
+        try:
+            alike.setdefault((var.init, var.shape, dtype), []).append(i)
+        except TypeError:  # an unhashable initializer: drawn alone
+            steps.append(i)
     for (init, shape, dtype), slots in alike.items():
         draws = [(i, p) for i in slots for p in variables[i].copy_paths()]
         if len(draws) == 1:

@@ -93,6 +93,22 @@ def jitted_equations():
 
 
 @pytest.fixture
+def all_equations():
+    """``all_equations(jaxpr)``: the equations of ``jaxpr`` and of every jaxpr nested in them
+    (a custom_jvp's, a scan's body), depth first."""
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield eqn
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from walk(inner)
+
+    return walk
+
+
+@pytest.fixture
 def numpy_init():
     """``numpy_init(init_fn)``: variables of ``init_fn``'s structure and dtypes, filled with
     standard normal draws from NumPy. Compiles nothing, unlike running the initializers,

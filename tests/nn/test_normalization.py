@@ -363,18 +363,8 @@ def test_norm_computation_dtype(make):
     assert {a.dtype for a in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
-def _all_eqns(jaxpr):
-    """The equations of ``jaxpr`` and of the jaxprs nested in them (a custom_jvp's)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)  # a ClosedJaxpr's Jaxpr
-            if hasattr(inner, "eqns"):
-                yield from _all_eqns(inner)
-
-
 @pytest.mark.parametrize("make", NORMS.values(), ids=NORMS.keys())
-def test_norm_param_dtype_and_float32_statistics(make):
+def test_norm_param_dtype_and_float32_statistics(make, all_equations):
     init_fn, apply_fn = mx.transform(make(param_dtype=jnp.bfloat16))
     variables = init_fn(jax.random.key(0))
     assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
@@ -383,7 +373,7 @@ def test_norm_param_dtype_and_float32_statistics(make):
     assert y.dtype == jnp.bfloat16
     # The statistics are sums in float32 even for a bfloat16 computation.
     jaxpr = jax.make_jaxpr(lambda v, x: apply_fn(v, None, x)[0])(variables, x16)
-    sums = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "reduce_sum"]
+    sums = [e for e in all_equations(jaxpr.jaxpr) if e.primitive.name == "reduce_sum"]
     assert sums and {e.invars[0].aval.dtype for e in sums} == {jnp.dtype(jnp.float32)}
     # dtype=None with a float32 input: promoted to float32.
     y32, _ = apply_fn(variables, None, x16.astype(jnp.float32))

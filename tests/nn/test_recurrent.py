@@ -269,25 +269,17 @@ def test_any_leading_batch_shape(numpy_init):
     assert_close(run(variables, x[1, 2]), y[1, 2], n=N)
 
 
-def test_one_scan_whatever_the_length(numpy_init, jitted_equations):
+def test_one_scan_whatever_the_length(numpy_init, all_equations):
     init_fn, apply_fn = mx.transform(_rnn("lstm"))
     params = numpy_init(init_fn)["params"]
     run = lambda p, x: apply_fn({"params": p}, None, x)[0]  # noqa: E731
 
     def scans(fn, *args):  # the primitives of each scan body, in order, nested ones included
-        found = []
-
-        def walk(jaxpr):
-            for eqn in jaxpr.eqns:
-                if eqn.primitive.name == "scan":
-                    found.append([e.primitive.name for e in eqn.params["jaxpr"].jaxpr.eqns])
-                for value in eqn.params.values():
-                    inner = getattr(value, "jaxpr", value)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-        walk(jax.make_jaxpr(fn)(*args).jaxpr)
-        return found
+        return [
+            [e.primitive.name for e in eqn.params["jaxpr"].jaxpr.eqns]
+            for eqn in all_equations(jax.make_jaxpr(fn)(*args).jaxpr)
+            if eqn.primitive.name == "scan"
+        ]
 
     short = scans(run, params, jnp.ones((B, 2, IN)))
     assert len(short) == 1
