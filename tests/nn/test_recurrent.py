@@ -287,14 +287,17 @@ def test_one_scan_whatever_the_length(numpy_init, all_equations):
     # Forward, each step projects its input and its state inside the loop: two products.
     assert short[0].count("dot_general") == 2
 
-    # Differentiated, every step's input is projected before the loop, whose steps then hold
-    # one product forward and the transposed ones backward.
+    # Differentiated, each step multiplies each of the 4 gates apart: 8 products forward.
+    # Backward, each gate's transposes: the two kernels' gradients and the state's, and the
+    # input's only where the input is differentiated (no product of a zero tangent).
     def loss(p, x):
         return jnp.sum(run(p, x) ** 2)
 
-    grad_scans = scans(jax.grad(loss), params, jnp.ones((B, 2, IN)))
-    assert [body.count("dot_general") for body in grad_scans] == [1, 2]
-    assert grad_scans == scans(jax.grad(loss), params, jnp.ones((B, 50, IN)))
+    for argnums, backward in [(0, 3 * 4), ((0, 1), 4 * 4), (1, 2 * 4)]:
+        grad = jax.grad(loss, argnums)
+        grad_scans = scans(grad, params, jnp.ones((B, 2, IN)))
+        assert [body.count("dot_general") for body in grad_scans] == [8, backward]
+        assert grad_scans == scans(grad, params, jnp.ones((B, 50, IN)))
 
 
 def test_grad_and_vmap(numpy_init):
@@ -317,8 +320,8 @@ def test_grad_and_vmap(numpy_init):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])  # SimpleRNNCell takes the same path
 def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind):
-    # RNN projects inside its loop and differentiates through a custom JVP of the form that
-    # projects first: every derivative must be that of the cell stepped by a Python loop.
+    # RNN differentiates through a custom JVP of another form of its loop (one product per
+    # gate): every derivative must be that of the cell stepped by a Python loop.
     # Reversed with padding, so that the masks cross the custom derivative too.
     model = _rnn(kind, reverse=True)
     init_fn, apply_fn = mx.transform(model)
@@ -347,6 +350,7 @@ def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind):
 
     for derivative in (
         lambda f: jax.grad(loss(f), argnums=(0, 1)),
+        lambda f: jax.grad(loss(f), argnums=1),  # the weights' tangents symbolic zeros
         lambda f: lambda *args: jax.jvp(f, args, tangents)[1],  # forward mode
         lambda f: lambda *args: jax.jvp(jax.grad(loss(f)), args, tangents)[1],  # Hessian-vector
         lambda f: lambda p, x: jax.vmap(jax.grad(loss(f)), (None, 0))(p, jnp.stack([x, -x])),
