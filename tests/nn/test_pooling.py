@@ -268,29 +268,33 @@ def test_adaptive_avg_pool_batch_axes_and_dtypes():
     np.testing.assert_allclose(pooled[:, 0], [0.5, 2.0, 3.5])
 
 
-def _primitives(fn, x):
-    return [e.primitive.name for e in jax.make_jaxpr(fn)(x).jaxpr.eqns]
-
-
-def test_adaptive_avg_pool_program(jitted_equations):
+def test_adaptive_avg_pool_program(jitted_equations, all_equations):
     from metoryx.nn.pooling import adaptive_avg_pool
+
+    def primitives(fn, x):
+        return [e.primitive.name for e in all_equations(jax.make_jaxpr(fn)(x).jaxpr)]
+
+    def differentiated(fn):
+        return jax.grad(lambda x: jnp.sum(fn(x) ** 2))
 
     # Every axis divisible: exactly avg_pool's program.
     assert jitted_equations(lambda x: adaptive_avg_pool(x, (3, 5)), X) == jitted_equations(
         lambda x: mx.avg_pool(x, (2, 1)), X
     )
-    # Otherwise each overlapping axis is pooled on its own: a slice and a sum per output index
-    # along it, never a step per output cell; above MAX_SLICED_WINDOWS, one contraction.
-    long = jnp.ones((2, 97, 3))
-    small = _primitives(lambda x: adaptive_avg_pool(x, 3), long)
-    assert small.count("slice") == 3 and small.count("reduce_sum") == 3
-    assert "dot_general" not in small
-    large = _primitives(lambda x: adaptive_avg_pool(x, 40), long)
-    assert large.count("dot_general") == 1 and "slice" not in large
-    grid = _primitives(lambda x: adaptive_avg_pool(x, (5, 5)), jnp.ones((2, 32, 32, 3)))
-    assert grid.count("slice") == 10  # 5 + 5, not 5 x 5
-    mixed = _primitives(lambda x: adaptive_avg_pool(x, (3, 4)), jnp.ones((2, 6, 7, 3)))
-    assert mixed.count("reduce_window_sum") == 1 and mixed.count("slice") == 4
+    # Otherwise the overlapping axes are pooled by one contraction (a product per axis),
+    # never a step per output cell; differentiated, up to MAX_SLICED_WINDOWS windows an axis,
+    # by a slice and a sum per output index along each axis on its own (5 + 5 at 5 x 5, not
+    # 5 x 5), above it by the contraction still.
+    grid, long = jnp.ones((2, 32, 32, 3)), jnp.ones((2, 97, 3))
+    for size, x, products in [((5, 5), grid, 2), (40, long, 1)]:
+        forward = primitives(lambda x, size=size: adaptive_avg_pool(x, size), x)
+        assert forward.count("dot_general") == products and "slice" not in forward
+    sliced = primitives(differentiated(lambda x: adaptive_avg_pool(x, (5, 5))), grid)
+    assert sliced.count("slice") == 10 and "dot_general" not in sliced
+    large = primitives(differentiated(lambda x: adaptive_avg_pool(x, 40)), long)
+    assert large.count("dot_general") == 2 and "slice" not in large  # forward, transposed
+    mixed = primitives(lambda x: adaptive_avg_pool(x, (3, 4)), jnp.ones((2, 6, 7, 3)))
+    assert mixed.count("reduce_window_sum") == 1 and mixed.count("dot_general") == 1
 
 
 def _reference_adaptive_2d(x, output_size, cotangent):
@@ -318,7 +322,9 @@ def test_adaptive_avg_pool_under_jit_matches_reference(output_size):
     pooled, vjp = jax.jit(jax.vjp, static_argnums=(0,))(
         lambda x: adaptive_avg_pool(x, output_size), X
     )
-    assert_close(pooled, out, n=N, scale=SCALE)
+    assert_close(pooled, out, n=N, scale=SCALE)  # the differentiated form's value
+    forward = jax.jit(adaptive_avg_pool, static_argnums=1)(X, output_size)  # the contraction
+    assert_close(forward, out, n=N, scale=SCALE)
     grads = vjp(jnp.asarray(cotangent, jnp.float32))[0]
     assert_close(grads, grad, n=N, scale=float(np.abs(cotangent).max()))
 
