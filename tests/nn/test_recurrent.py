@@ -348,19 +348,23 @@ def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind):
     def loss(fn):
         return lambda params, x: jnp.sum(jnp.tanh(fn(params, x)) * weights)
 
-    for derivative in (
+    derivatives = (
         lambda f: jax.grad(loss(f), argnums=(0, 1)),
         lambda f: jax.grad(loss(f), argnums=1),  # the weights' tangents symbolic zeros
         lambda f: lambda *args: jax.jvp(f, args, tangents)[1],  # forward mode
         lambda f: lambda *args: jax.jvp(jax.grad(loss(f)), args, tangents)[1],  # Hessian-vector
         lambda f: lambda p, x: jax.vmap(jax.grad(loss(f)), (None, 0))(p, jnp.stack([x, -x])),
+    )
+
+    def every_derivative(f):  # one jitted program per side: op by op, the loop takes seconds
+        return jax.jit(lambda p, x: [derivative(f)(p, x) for derivative in derivatives])
+
+    for a, b in zip(
+        jax.tree.leaves(every_derivative(ours)(params, x)),
+        jax.tree.leaves(every_derivative(loop)(params, x)),
+        strict=True,
     ):
-        for a, b in zip(  # jitted: dispatched op by op, the Python loop takes seconds
-            jax.tree.leaves(jax.jit(derivative(ours))(params, x)),
-            jax.tree.leaves(jax.jit(derivative(loop))(params, x)),
-            strict=True,
-        ):
-            assert_close(a, b, n=4 * N)  # second derivatives: a few times more roundings
+        assert_close(a, b, n=4 * N)  # second derivatives: a few times more roundings
 
 
 class _SumCell(mx.Module):
