@@ -1,6 +1,7 @@
 """What layers share: the dtype rules, the training flag and the per-layer training switch, the
 bias add that traces like hand-written code, the channels-last convolution layout (Conv and the
-LoRA adapters of a Conv), and the default kernel initializer."""
+LoRA adapters of a Conv), the default kernel initializer, and a function differentiated as
+another form of itself."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.core import Tracer
+from jax.custom_derivatives import SymbolicZero
 
 from metoryx import errors, initializers
 from metoryx._core.module import Module, module_label
@@ -208,3 +210,32 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
         return y + bias
     with jax.numpy_rank_promotion("allow"):
         return y + bias
+
+
+def differentiated_as(fn: Callable[..., Any], form: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, whose derivatives of every mode are those of ``form``: the same function written
+    so that its derivative compiles faster (a custom JVP; ``fn`` runs where nothing is
+    differentiated). Both take the arrays as positional arguments (PyTrees), since a custom
+    derivative cannot close over traced values. An argument whose tangent is a symbolic zero
+    (data, frozen weights, an integer mask) is held constant in ``form``'s JVP, which so
+    multiplies no zero tangent: XLA would keep ``zeros @ kernel`` in a loop."""
+    wrapped = jax.custom_jvp(fn)
+    wrapped.defjvp(functools.partial(_jvp_of_nonzero, form), symbolic_zeros=True)
+    return wrapped
+
+
+def _jvp_of_nonzero(fn: Callable[..., Any], primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+    """``jax.jvp(fn, primals, tangents)`` with the arguments whose tangent is a symbolic zero
+    held constant."""
+    is_zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
+    leaves, tree = jax.tree.flatten(primals)
+    speeds = jax.tree.leaves(tangents, is_leaf=is_zero)
+    moving = [i for i, t in enumerate(speeds) if not is_zero(t)]
+
+    def of_moving(*values: Any) -> Any:
+        args = list(leaves)
+        for i, value in zip(moving, values, strict=True):
+            args[i] = value
+        return fn(*tree.unflatten(args))
+
+    return jax.jvp(of_moving, [leaves[i] for i in moving], [speeds[i] for i in moving])

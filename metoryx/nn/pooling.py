@@ -33,6 +33,7 @@ from metoryx.nn._arguments import (
     positive_int,
     window_sizes,
 )
+from metoryx.nn._compute import differentiated_as
 
 # The arguments and errors that max_pool, min_pool and avg_pool share (see fill_docstring).
 _WINDOW_ARGS_DOC = """
@@ -345,9 +346,7 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | Sequence[int]) -> jax.Arr
     if uneven:
         sums = functools.partial(_contracted_sums, uneven=uneven)
         if max(len(start) for _, start, _ in uneven.values()) <= MAX_SLICED_WINDOWS:
-            sums = jax.custom_jvp(sums)
-            sliced = functools.partial(_sliced_sums, uneven=uneven)
-            sums.defjvp(lambda primals, tangents: jax.jvp(sliced, primals, tangents))
+            sums = differentiated_as(sums, functools.partial(_sliced_sums, uneven=uneven))
         x = sums(x)
     if counts.min() == counts.max():
         return x if counts.max() == 1 else x / int(counts.max())

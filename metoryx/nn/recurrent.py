@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from metoryx import errors, initializers
 from metoryx._core.arguments import bool_argument
@@ -47,6 +46,7 @@ from metoryx.nn._compute import (
     add_bias,
     cast,
     compute_dtype,
+    differentiated_as,
     layer_dtype,
     layer_training,
     mode_repr,
@@ -726,27 +726,7 @@ def _scan_cell(
 
         return scan
 
-    scan = jax.custom_jvp(loop(by_gate=False))
-    scan.defjvp(functools.partial(_jvp_of_nonzero, loop(by_gate=True)), symbolic_zeros=True)
-    return scan(weights, carry, xs, mask)
-
-
-def _jvp_of_nonzero(fn: Callable[..., Any], primals: tuple, tangents: tuple) -> tuple[Any, Any]:
-    """``jax.jvp(fn, primals, tangents)`` with the arguments whose tangent is a symbolic zero
-    held constant, so that the JVP multiplies no zero tangent: the input of an RNN is often
-    data, not differentiated, and XLA would keep ``zeros @ kernel`` in the loop."""
-    is_zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
-    leaves, tree = jax.tree.flatten(primals)
-    speeds = jax.tree.leaves(tangents, is_leaf=is_zero)
-    moving = [i for i, t in enumerate(speeds) if not is_zero(t)]
-
-    def of_moving(*values: Any) -> Any:
-        args = list(leaves)
-        for i, value in zip(moving, values, strict=True):
-            args[i] = value
-        return fn(*tree.unflatten(args))
-
-    return jax.jvp(of_moving, [leaves[i] for i in moving], [speeds[i] for i in moving])
+    return differentiated_as(loop(by_gate=False), loop(by_gate=True))(weights, carry, xs, mask)
 
 
 class Bidirectional(Module):

@@ -10,7 +10,7 @@ import pytest
 
 import metoryx as mx
 from metoryx import errors
-from metoryx.nn._compute import layer_dtype, training_flag
+from metoryx.nn._compute import differentiated_as, layer_dtype, training_flag
 
 # Each layer that chooses its code path with is_training, an input it takes, and how errors
 # name it. Its training differs from its evaluation in the output or the new variables.
@@ -241,3 +241,20 @@ def test_layer_training_asks_a_layer_without_the_declaration_to_declare_it():
     with pytest.raises(errors.LayerConfigError, match="declares no training switch") as info:
         apply_fn({}, None, jnp.zeros(()), True)
     assert "`training: bool | None = None` to Undeclared" in str(info.value)
+
+
+def test_differentiated_as_runs_fn_and_differentiates_form(all_equations):
+    # A form that is another function, so that the test sees which one is differentiated.
+    f = differentiated_as(lambda a, b: a @ b, lambda a, b: 2.0 * (a @ b))
+    a, b = jnp.arange(6.0).reshape(2, 3), jnp.arange(12.0).reshape(3, 4)
+    np.testing.assert_array_equal(f(a, b), a @ b)
+    ga, gb = jax.grad(lambda a, b: f(a, b).sum(), argnums=(0, 1))(a, b)
+    np.testing.assert_array_equal(ga, 2.0 * jnp.ones((2, 4)) @ b.T)
+    np.testing.assert_array_equal(gb, 2.0 * a.T @ jnp.ones((2, 4)))
+    _, tangent = jax.jvp(lambda a: f(a, b), (a,), (jnp.ones_like(a),))
+    np.testing.assert_array_equal(tangent, 2.0 * jnp.ones_like(a) @ b)
+    # b not differentiated: its tangent is a symbolic zero, held constant, so the JVP has one
+    # product (da @ b), not two (da @ b + a @ zeros): with the transpose, two in all.
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a: f(a, b).sum()))(a).jaxpr
+    products = [e for e in all_equations(jaxpr) if e.primitive.name == "dot_general"]
+    assert len(products) == 2
