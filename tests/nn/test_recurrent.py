@@ -14,6 +14,7 @@ from _tolerance import assert_close  # tests/_tolerance.py
 import metoryx as mx
 from metoryx.interop.torch import load_state_dict, to_state_dict
 from metoryx.nn.recurrent import (
+    HOISTED_MAX_ROWS,
     RNN,
     Bidirectional,
     GRUCell,
@@ -287,17 +288,33 @@ def test_one_scan_whatever_the_length(numpy_init, all_equations):
     # Forward, each step projects its input and its state inside the loop: two products.
     assert short[0].count("dot_general") == 2
 
-    # Differentiated, each step multiplies each of the 4 gates apart: 8 products forward.
-    # Backward, each gate's transposes: the two kernels' gradients and the state's, and the
-    # input's only where the input is differentiated (no product of a zero tangent).
     def loss(p, x):
         return jnp.sum(run(p, x) ** 2)
 
+    def products(fn, *args):  # (in each scan body, outside the scans)
+        jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+        in_scans = [body.count("dot_general") for body in scans(fn, *args)]
+        everywhere = [e.primitive.name for e in all_equations(jaxpr)].count("dot_general")
+        return in_scans, everywhere - sum(in_scans)
+
+    # Differentiated with few rows per step (B = 2): the kernels' products leave the loops. One
+    # product per step forward (the state's projection) and backward (its transpose); outside,
+    # the inputs' projection, one product per kernel's gradient, and the input's gradient
+    # only where the input is differentiated (no product of a zero tangent).
+    for argnums, outside in [(0, 1 + 2), ((0, 1), 1 + 3), (1, 1 + 1)]:
+        grad = jax.grad(loss, argnums)
+        assert products(grad, params, jnp.ones((B, 2, IN))) == ([1, 1], outside)
+        assert scans(grad, params, jnp.ones((B, 2, IN))) == scans(
+            grad, params, jnp.ones((B, 50, IN))
+        )
+
+    # With more rows, each step multiplies each of the 4 gates apart: 8 products forward.
+    # Backward, each gate's transposes: the two kernels' gradients and the state's, and the
+    # input's only where the input is differentiated.
+    rows = HOISTED_MAX_ROWS + 1
     for argnums, backward in [(0, 3 * 4), ((0, 1), 4 * 4), (1, 2 * 4)]:
         grad = jax.grad(loss, argnums)
-        grad_scans = scans(grad, params, jnp.ones((B, 2, IN)))
-        assert [body.count("dot_general") for body in grad_scans] == [8, backward]
-        assert grad_scans == scans(grad, params, jnp.ones((B, 50, IN)))
+        assert products(grad, params, jnp.ones((rows, 2, IN)))[0] == [8, backward]
 
 
 def test_grad_and_vmap(numpy_init):
@@ -318,17 +335,19 @@ def test_grad_and_vmap(numpy_init):
         assert_close(y, run(variables, x, seq_lengths=lengths), n=N)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])  # SimpleRNNCell takes the same path
-def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind):
-    # RNN differentiates through a custom JVP of another form of its loop (one product per
-    # gate): every derivative must be that of the cell stepped by a Python loop.
-    # Reversed with padding, so that the masks cross the custom derivative too.
+@pytest.mark.parametrize("rows", [B, HOISTED_MAX_ROWS + 1])  # both derivatives of RNN
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind, rows):
+    # RNN differentiates through a custom JVP (the kernels' products out of the loop with few
+    # rows, one product per gate with more): every derivative must be that of the cell
+    # stepped by a Python loop. Reversed with padding (lengths T, 2, 0, T, ...), so that the
+    # masks cross the custom derivative too.
     model = _rnn(kind, reverse=True)
     init_fn, apply_fn = mx.transform(model)
     params = numpy_init(init_fn)["params"]
     cell_apply = mx.transform(model.cell)[1]
-    lengths = jnp.array([T, 2])
-    x = jnp.asarray(_randn(B, T, IN))
+    lengths = jnp.array([T, 2, 0] * rows)[:rows]
+    x = jnp.asarray(_randn(rows, T, IN))
 
     def ours(params, x):
         return apply_fn({"params": params}, None, x, seq_lengths=lengths)[0]
@@ -342,7 +361,7 @@ def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind):
             outputs.append(jnp.stack(ys))
         return jnp.stack(outputs)
 
-    weights = jnp.asarray(_randn(B, T, H, seed=1))
+    weights = jnp.asarray(_randn(rows, T, H, seed=1))
     tangents = jax.tree.map(lambda a: jnp.ones_like(a) / a.size, (params, x))
 
     def loss(fn):
