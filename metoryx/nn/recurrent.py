@@ -595,9 +595,11 @@ class RNN(Module):
     The input is batch-first, ``(*batch, time, features)`` (PyTorch's ``batch_first=True``),
     or time-major, ``(time, *batch, features)``, with ``time_major=True``. The compiled
     program holds one ``scan`` whatever the length of the sequence. For the cells of this
-    module, each step projects its input inside the loop (the quickest forward pass), and the
-    derivative is that of projecting every step's input in one matrix product before the loop
-    (the quickest backward pass); the two agree within float32 rounding.
+    module, each step projects its input inside the loop (the quickest forward pass). The
+    derivative is the quickest measured for the step's rows (the product of the batch axes):
+    with up to 8, the kernels' gradients are each one matrix product over all steps after
+    the backward loop, as cuDNN computes them; with more, the loop multiplies each gate
+    apart, as Flax's cells do. All forms agree within float32 rounding.
 
     ``reverse=True`` runs from the last step to the first and returns the outputs in the
     original order, as the backward direction of a bidirectional PyTorch RNN.
