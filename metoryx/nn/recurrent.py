@@ -110,8 +110,8 @@ class _Cell(Module):
     (``xp = x @ input_kernel + input_bias``, ``hp = h @ recurrent_kernel + recurrent_bias``),
     each given as a list of its gates. The constructor is the cells' public one (LSTMCell and
     GRUCell inherit it as it is). :meth:`_step` makes the projections from :class:`_Parts`,
-    cast once before :class:`RNN`'s loop; :func:`_scan_cell_jvp` calls :meth:`_gated` on
-    projections made apart.
+    cast once before :class:`RNN`'s loop; :func:`_scan_cell_jvp` calls :meth:`_linearized`
+    on projections made apart.
     """
 
     _gates: int
@@ -872,8 +872,8 @@ def _scan_cell_jvp(
     every product with a kernel's gradient outside the loop, as cuDNN's RNNs do.
 
     The primal loop projects all steps' inputs in one product before it, and keeps at each
-    step its hidden state and the step's linearization (``jax.linearize`` of the gates,
-    given both projections: only elementwise work, its residuals stacked by the scan). The
+    step its hidden state and the step's linear map given both projections
+    (:meth:`_Cell._linearized`: elementwise work, its coefficients stacked by the scan). The
     kernels' tangents then meet all steps at once: ``xs @ dW_input`` and ``hs @
     dW_recurrent`` are one product each, before the tangent loop, whose steps hold a single
     product (the state's tangent through the recurrent kernel). Transposed, the backward
@@ -908,12 +908,13 @@ def _scan_cell_jvp(
         [
             None if _is_zero(d_xs) else cast(d_xs, dtype) @ input.kernel,
             None if d_input_kernel is None else xs @ d_input_kernel,
-            d_input_bias,
         ],
+        d_input_bias,
         like=scanned[0],
     )
     d_hp = _sum_of(
-        [None if d_recurrent_kernel is None else hiddens @ d_recurrent_kernel, d_recurrent_bias],
+        [None if d_recurrent_kernel is None else hiddens @ d_recurrent_kernel],
+        d_recurrent_bias,
         like=scanned[0],
     )
 
@@ -944,14 +945,14 @@ def _cast_tangents(d_weights: Any, dtype: Any) -> list[jax.Array | None]:
     return [None if _is_zero(t) else cast(t, dtype) for t in d_weights]
 
 
-def _sum_of(terms: list[jax.Array | None], like: jax.Array) -> jax.Array:
-    """The sum of the terms that are not None, broadcast to ``like``'s shape; zeros if none
-    is."""
-    present = [t for t in terms if t is not None]
+def _sum_of(products: list[jax.Array | None], bias: jax.Array | None, like: jax.Array) -> jax.Array:
+    """A projection's tangent, of ``like``'s shape and dtype: the sum of the products that
+    are not None, plus the bias's tangent if it is not None; zeros if all are None."""
+    present = [p for p in products if p is not None]
     if not present:
-        return jnp.zeros_like(like)
-    total = functools.reduce(lambda a, b: add_bias(a, b) if b.ndim == 1 else a + b, present)
-    return jnp.broadcast_to(total, like.shape)
+        return jnp.zeros_like(like) if bias is None else jnp.broadcast_to(bias, like.shape)
+    total = functools.reduce(jnp.add, present)
+    return total if bias is None else add_bias(total, bias)
 
 
 class Bidirectional(Module):
