@@ -301,20 +301,17 @@ def test_one_scan_whatever_the_length(numpy_init, all_equations):
     # product per step forward (the state's projection) and backward (its transpose); outside,
     # the inputs' projection, one product per kernel's gradient, and the input's gradient
     # only where the input is differentiated (no product of a zero tangent).
-    for argnums, outside in [(0, 1 + 2), ((0, 1), 1 + 3), (1, 1 + 1)]:
-        grad = jax.grad(loss, argnums)
-        assert products(grad, params, jnp.ones((B, 2, IN))) == ([1, 1], outside)
-        assert scans(grad, params, jnp.ones((B, 2, IN))) == scans(
-            grad, params, jnp.ones((B, 50, IN))
-        )
-
     # With more rows, each step multiplies each of the 4 gates apart: 8 products forward.
     # Backward, each gate's transposes: the two kernels' gradients and the state's, and the
     # input's only where the input is differentiated.
-    rows = HOISTED_MAX_ROWS + 1
-    for argnums, backward in [(0, 3 * 4), ((0, 1), 4 * 4), (1, 2 * 4)]:
+    many = HOISTED_MAX_ROWS + 1
+    for argnums, outside, backward in [(0, 2, 3 * 4), ((0, 1), 3, 4 * 4), (1, 1, 2 * 4)]:
         grad = jax.grad(loss, argnums)
-        assert products(grad, params, jnp.ones((rows, 2, IN)))[0] == [8, backward]
+        assert products(grad, params, jnp.ones((B, 2, IN))) == ([1, 1], 1 + outside)
+        assert products(grad, params, jnp.ones((many, 2, IN)))[0] == [8, backward]
+        for rows in (B, many):  # and the same loops whatever the length
+            short, long = (scans(grad, params, jnp.ones((rows, t, IN))) for t in (2, 50))
+            assert short == long
 
 
 def test_grad_and_vmap(numpy_init):
