@@ -224,13 +224,18 @@ def differentiated_as(fn: Callable[..., Any], form: Callable[..., Any]) -> Calla
     return wrapped
 
 
+def is_symbolic_zero(tangent: Any) -> bool:
+    """Whether ``tangent``, as a custom JVP rule defined with ``symbolic_zeros=True`` gets it,
+    is a symbolic zero: its argument is not differentiated."""
+    return isinstance(tangent, SymbolicZero)
+
+
 def _jvp_of_nonzero(fn: Callable[..., Any], primals: tuple, tangents: tuple) -> tuple[Any, Any]:
     """``jax.jvp(fn, primals, tangents)`` with the arguments whose tangent is a symbolic zero
     held constant."""
-    is_zero = lambda t: isinstance(t, SymbolicZero)  # noqa: E731
     leaves, tree = jax.tree.flatten(primals)
-    speeds = jax.tree.leaves(tangents, is_leaf=is_zero)
-    moving = [i for i, t in enumerate(speeds) if not is_zero(t)]
+    speeds = jax.tree.leaves(tangents, is_leaf=is_symbolic_zero)
+    moving = [i for i, t in enumerate(speeds) if not is_symbolic_zero(t)]
 
     def of_moving(*values: Any) -> Any:
         args = list(leaves)

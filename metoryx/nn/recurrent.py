@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 
 from metoryx import errors, initializers
 from metoryx._core.arguments import bool_argument
@@ -49,6 +48,7 @@ from metoryx.nn._compute import (
     cast,
     compute_dtype,
     differentiated_as,
+    is_symbolic_zero,
     layer_dtype,
     layer_training,
     mode_repr,
@@ -938,8 +938,9 @@ def _scan_cell_jvp(
 
 
 def _is_zero(tangent: Any) -> bool:
-    """Whether ``tangent`` is a symbolic zero (an argument not differentiated) or None."""
-    return tangent is None or isinstance(tangent, SymbolicZero)
+    """Whether ``tangent`` is a symbolic zero (an argument not differentiated) or None (the
+    tangent of an absent bias)."""
+    return tangent is None or is_symbolic_zero(tangent)
 
 
 def _cast_tangents(d_weights: Any, dtype: Any) -> list[jax.Array | None]:
