@@ -33,7 +33,9 @@ compute; Flax's default ``E[x^2] - E[x]^2`` is a different, less accurate formul
 ``BatchNorm(mode="batch")`` (normalizes with the batch statistics in training). Equinox's
 convolutions and channel norms are channels-first: they get the input transposed to NCHW
 outside the timed function, as an Equinox user's data would be. Where a peer has no such layer
-(grouped-query attention in Linen and Equinox) the cell is "—".
+(grouped-query attention in Linen and Equinox) the cell is "—". The recurrent layers run at
+two batch sizes, 8 sequences of 64 steps and 32 of 128 (``, 32 rows``): ``RNN`` picks its
+derivative by the rows of a step, and each must hold its own against the peers.
 
 As in the other benchmarks, the sides' repeats are interleaved (A B C, B C A, ...) and the
 table gives the median time of the hand-written side (µs per call) and, for every other side,
@@ -509,13 +511,21 @@ def eqx_rnn(cell: Any, carry: Callable[[], Any], out: Callable[[Any], jax.Array]
     return jax.vmap(sequence)
 
 
-def lstm_case(key: jax.Array) -> Case:
-    x = jax.random.normal(key, (BATCH, RNN_SEQ, RNN_IN))
+def rnn_name(cell: str, batch: int, steps: int) -> str:
+    """A recurrent case's name: the shape of this table's first RNN rows (8 rows, where
+    ``RNN`` takes the kernels' gradients out of the loop) named bare, any other with its
+    rows."""
+    rows = "" if (batch, steps) == (BATCH, RNN_SEQ) else f", {batch} rows"
+    return f"{cell} {RNN_IN}→{HIDDEN}, scanned{rows}"
+
+
+def lstm_case(key: jax.Array, batch: int = BATCH, steps: int = RNN_SEQ) -> Case:
+    x = jax.random.normal(key, (batch, steps, RNN_IN))
     model = mx.RNN(mx.LSTMCell(RNN_IN, HIDDEN))
     sides, p = metoryx_side(model, hand_rnn(lstm_step, lambda z: (z, z)), (x,))
     c = p["cell"]
     wi, wh, bias = c["input_kernel"], c["recurrent_kernel"], c["input_bias"] + c["recurrent_bias"]
-    zeros = jnp.zeros((BATCH, HIDDEN))
+    zeros = jnp.zeros((batch, HIDDEN))
     if nn is not None:
         gates = {}
         for n, (gi, gh, gb) in enumerate(
@@ -539,11 +549,11 @@ def lstm_case(key: jax.Array) -> Case:
             return eqx_rnn(m, lambda: (z, z), lambda hc: hc[0])(x), s
 
         sides["Equinox"] = eqx_side(cell, call, x)
-    return Case(f"LSTM {RNN_IN}→{HIDDEN}, scanned", "8 x 64 x 64", sides)
+    return Case(rnn_name("LSTM", batch, steps), f"{batch} x {steps} x {RNN_IN}", sides)
 
 
-def gru_case(key: jax.Array) -> Case:
-    x = jax.random.normal(key, (BATCH, RNN_SEQ, RNN_IN))
+def gru_case(key: jax.Array, batch: int = BATCH, steps: int = RNN_SEQ) -> Case:
+    x = jax.random.normal(key, (batch, steps, RNN_IN))
     model = mx.RNN(mx.GRUCell(RNN_IN, HIDDEN))
     sides, p = metoryx_side(model, hand_rnn(gru_step, lambda z: z), (x,))
     c = p["cell"]
@@ -565,7 +575,7 @@ def gru_case(key: jax.Array) -> Case:
         cell = nnx.GRUCell(RNN_IN, HIDDEN, rngs=rngs())
         folded = bi + jnp.concatenate([bhr, bhz, jnp.zeros_like(bhn)])
         cell = nnx_set(cell, **{"dense_i.kernel": wi, "dense_h.kernel": wh, "dense_i.bias": folded})
-        zeros = jnp.zeros((BATCH, HIDDEN))
+        zeros = jnp.zeros((batch, HIDDEN))
         side = nnx_side(nnx.RNN(cell), lambda m, x: m(x, initial_carry=zeros), x)
         side.to_ours = None
         side.note = "its GRUCell has no b_hn inside the reset product (PyTorch's, metoryx's)"
@@ -585,7 +595,7 @@ def gru_case(key: jax.Array) -> Case:
             return eqx_rnn(m, lambda: jnp.zeros(HIDDEN), lambda h: h)(x), s
 
         sides["Equinox"] = eqx_side(cell, call, x)
-    return Case(f"GRU {RNN_IN}→{HIDDEN}, scanned", "8 x 64 x 64", sides)
+    return Case(rnn_name("GRU", batch, steps), f"{batch} x {steps} x {RNN_IN}", sides)
 
 
 # Attention ---------------------------------------------------------------------------------
@@ -749,6 +759,9 @@ CASES: dict[str, Callable[[jax.Array], Case]] = {
     "Embed": embed_case,
     "LSTM": lstm_case,
     "GRU": gru_case,
+    # Past 8 rows RNN takes the per-gate derivative: its own rows, at bench_layers' length.
+    "LSTM, 32 rows": partial(lstm_case, batch=32, steps=128),
+    "GRU, 32 rows": partial(gru_case, batch=32, steps=128),
     "MultiHeadAttention causal": partial(attention_case, variant="causal"),
     "MultiHeadAttention mask": partial(attention_case, variant="masked"),
     "MultiHeadAttention GQA": partial(attention_case, variant="GQA"),
