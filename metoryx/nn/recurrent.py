@@ -443,19 +443,15 @@ class LSTMCell(_Cell):
         dtype: Any,
     ) -> tuple[Any, jax.Array]:
         h, c = carry
-        i, f, g, o = (x + r for x, r in zip(xp, hp, strict=True))
-        new_c = jax.nn.sigmoid(f) * cast(c, dtype) + jax.nn.sigmoid(i) * jnp.tanh(g)
-        new_h = jax.nn.sigmoid(o) * jnp.tanh(new_c)
+        *_, o, new_c, tanh_c = _lstm_gates(xp, hp, cast(c, dtype))
+        new_h = o * tanh_c
         return (cast(new_h, h.dtype), cast(new_c, c.dtype)), new_h
 
     def _linearized(
         self, carry: tuple[jax.Array, jax.Array], xp: jax.Array, hp: jax.Array, dtype: Any
     ) -> tuple[tuple[Any, Any], Callable[..., Any]]:
-        i, f, g, o = self._split(xp + hp)
-        i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
         c = cast(carry[1], dtype)
-        new_c = f * c + i * g
-        tanh_c = jnp.tanh(new_c)
+        i, f, g, o, new_c, tanh_c = _lstm_gates(self._split(xp), self._split(hp), c)
         new_h = o * tanh_c
         # d c' = σ'(f) c d f + σ(f) d c + σ'(i) g d i + σ(i) (1 - g²) d g, d h' = σ'(o) tanh(c')
         # d o + σ(o) (1 - tanh²(c')) d c', with σ' = σ (1 - σ) written from the gate's value.
@@ -511,22 +507,14 @@ class GRUCell(_Cell):
     def _recur(
         self, h: jax.Array, xp: list[jax.Array], hp: list[jax.Array], dtype: Any
     ) -> tuple[Any, jax.Array]:
-        (xr, xz, xn), (hr, hz, hn) = xp, hp
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
-        new_h = (1 - z) * n + z * cast(h, dtype)
+        *_, new_h = _gru_gates(xp, hp, cast(h, dtype))
         return cast(new_h, h.dtype), new_h
 
     def _linearized(
         self, carry: jax.Array, xp: jax.Array, hp: jax.Array, dtype: Any
     ) -> tuple[tuple[Any, Any], Callable[..., Any]]:
-        (xr, xz, xn), (hr, hz, hn) = self._split(xp), self._split(hp)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * hn)
         h = cast(carry, dtype)
-        new_h = (1 - z) * n + z * h
+        r, z, n, hn, new_h = _gru_gates(self._split(xp), self._split(hp), h)
         # d n = (1 - n²) (d xn + σ'(r) hn d(xr + hr) + σ(r) d hn), d h' = (1 - z) d n + (h - n)
         # σ'(z) d(xz + hz) + z d h, with σ' = σ (1 - σ) written from the gate's value.
         coefficients = (r, z, 1 - n * n, r * (1 - r) * hn, (h - n) * z * (1 - z))
@@ -535,6 +523,25 @@ class GRUCell(_Cell):
             _gru_linear, reset, update, candidate, through_reset, through_update
         )
         return (new_h, new_h), linear
+
+
+def _lstm_gates(xp: list[jax.Array], hp: list[jax.Array], c: jax.Array) -> tuple:
+    """An LSTM step from the gates' projections: the gates ``i, f, g, o`` after their
+    nonlinearities, the new cell state and its tanh."""
+    i, f, g, o = (x + r for x, r in zip(xp, hp, strict=True))
+    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    new_c = f * c + i * g
+    return i, f, g, o, new_c, jnp.tanh(new_c)
+
+
+def _gru_gates(xp: list[jax.Array], hp: list[jax.Array], h: jax.Array) -> tuple:
+    """A GRU step from the gates' projections: ``r, z, n`` after their nonlinearities, the
+    candidate's recurrent projection ``hn`` and the new state."""
+    (xr, xz, xn), (hr, hz, hn) = xp, hp
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    return r, z, n, hn, (1 - z) * n + z * h
 
 
 def _gru_linear(

@@ -246,6 +246,8 @@ def test_layer_training_asks_a_layer_without_the_declaration_to_declare_it():
 def test_differentiated_as_runs_fn_and_differentiates_form(all_equations):
     # A form that is another function, so that the test sees which one is differentiated.
     f = differentiated_as(lambda a, b: a @ b, lambda a, b: 2.0 * (a @ b))
+    # Small integers: every product and sum is exact in float32 (and in the bfloat16 passes of a
+    # GPU's or TPU's default precision), in any order, so the results compare bit for bit.
     a, b = jnp.arange(6.0).reshape(2, 3), jnp.arange(12.0).reshape(3, 4)
     np.testing.assert_array_equal(f(a, b), a @ b)
     ga, gb = jax.grad(lambda a, b: f(a, b).sum(), argnums=(0, 1))(a, b)
