@@ -96,10 +96,12 @@ class _Part(NamedTuple):
 
 class _Parts(NamedTuple):
     """The two projections of a cell as a step multiplies them: one part each (one product of
-    all gates) or one part per gate."""
+    all gates), or one part per gate, multiplied apart or, ``joined``, joined again inside the
+    step into one product (whose gradient then builds up per gate: see :func:`_scan_cell`)."""
 
     input: tuple[_Part, ...]
     recurrent: tuple[_Part, ...]
+    joined: bool = False
 
 
 class _Cell(Module):
@@ -117,6 +119,9 @@ class _Cell(Module):
     _gates: int
     _carry_doc: str  # how the carry is described in messages, e.g. "(h, c)"
     _recur: Callable[..., tuple[Any, jax.Array]]  # (carry, xp, hp, dtype)
+    # Whether the derivative past HOISTED_MAX_ROWS joins the gates' kernel slices again in
+    # each step from JOINED_MIN_SIZE on (one product of each kernel): see _scan_cell.
+    _joins_gates = False
 
     def __init__(
         self,
@@ -242,9 +247,10 @@ class _Cell(Module):
         )
 
     @classmethod
-    def _parts(cls, weights: _Weights, dtype: Any, by_gate: bool) -> _Parts:
-        """The kernels and biases cast to ``dtype``, whole or split by gate: made once, before
-        a loop (a slice inside XLA:CPU's loop is taken again at every step)."""
+    def _parts(cls, weights: _Weights, dtype: Any, by_gate: bool, joined: bool = False) -> _Parts:
+        """The kernels and biases cast to ``dtype``, whole or split by gate (and ``joined`` in
+        each step): made once, before a loop (a slice inside XLA:CPU's loop is taken again at
+        every step)."""
         pieces = cls._gates if by_gate else 1
 
         def split(kernel: jax.Array, bias: jax.Array | None) -> tuple[_Part, ...]:
@@ -258,6 +264,7 @@ class _Cell(Module):
         return _Parts(
             split(weights.input_kernel, weights.input_bias),
             split(weights.recurrent_kernel, weights.recurrent_bias),
+            joined,
         )
 
     @staticmethod
@@ -266,13 +273,26 @@ class _Cell(Module):
         return carry[0] if isinstance(carry, tuple) else carry
 
     def _step(self, carry: Any, x: jax.Array, dtype: Any, parts: _Parts) -> tuple[Any, Any]:
-        """One step: the projections of ``x`` and of the hidden state, then ``_recur``."""
-        xp = self._by_gate(cast(x, dtype), parts.input)
-        hp = self._by_gate(cast(self._hidden(carry), dtype), parts.recurrent)
+        """One step: the projections of the hidden state and of ``x``, then ``_recur``.
+
+        The recurrent product comes first: XLA:CPU runs the loop's operations in this order,
+        and the derivative's loop (past :data:`HOISTED_MAX_ROWS` rows) is faster so. See
+        :func:`_scan_cell` for the numbers; the results are the same, bit for bit."""
+        hp = self._by_gate(cast(self._hidden(carry), dtype), parts.recurrent, parts.joined)
+        xp = self._by_gate(cast(x, dtype), parts.input, parts.joined)
         return self._recur(carry, xp, hp, dtype)
 
-    def _by_gate(self, a: jax.Array, parts: tuple[_Part, ...]) -> list[jax.Array]:
-        """``a @ kernel + bias`` of each part, as a list of the gates."""
+    def _by_gate(self, a: jax.Array, parts: tuple[_Part, ...], joined: bool) -> list[jax.Array]:
+        """``a @ kernel + bias`` of each part (``joined``: of the parts joined into one), as a
+        list of the gates."""
+        if joined:
+            biases = [part.bias for part in parts if part.bias is not None]
+            parts = (
+                _Part(
+                    jnp.concatenate([part.kernel for part in parts], axis=-1),
+                    jnp.concatenate(biases, axis=-1) if biases else None,
+                ),
+            )
         products = [part.project(a) for part in parts]
         return self._split(products[0]) if len(parts) == 1 else products
 
@@ -411,6 +431,7 @@ class LSTMCell(_Cell):
 
     _gates = 4
     _carry_doc = "(h, c)"
+    _joins_gates = True
 
     def initial_carry(
         self, batch_shape: Sequence[int] = (), dtype: Any = None
@@ -825,6 +846,13 @@ def _padded(valid: jax.Array | None, carry: Any, new_carry: Any, y: Any) -> tupl
 #: more memory traffic than the deep products save.
 HOISTED_MAX_ROWS = 8
 
+#: The fewest ``rows * hidden_size`` of a step, past :data:`HOISTED_MAX_ROWS` rows, at which
+#: the LSTM's derivative joins its gates' kernel slices again in each step: one product of each
+#: kernel per step instead of one per gate. Measured on a 2-core x86 CPU, gradient of the
+#: weights and the input against a product per gate: 0.90 to 0.98x the time from 4,096 (16 to
+#: 128 rows, hidden 64 to 512), 1.06 to 1.14x below (12 to 32 rows, hidden 64 and 128).
+JOINED_MIN_SIZE = 4096
+
 
 def _scan_cell(
     cell: _Cell,
@@ -845,24 +873,34 @@ def _scan_cell(
 
     - up to :data:`HOISTED_MAX_ROWS`, :func:`_scan_cell_jvp`, which takes the products with
       the kernels' tangents out of the loop;
-    - more, the derivative of the same loop with one product per gate, each kernel split by
-      gate before the loop, as Flax's cells compute: the backward steps then need no
-      concatenation of the gates' gradients (against every step's input projected before the
-      loop: 0.83 to 0.85x the time for the LSTM, 0.95 to 0.99x for the GRU).
+    - more, the derivative of the same loop with each kernel split by gate before the loop,
+      so that its gradient builds up per gate in the backward loop (XLA:CPU adds a whole
+      kernel's gradient slowly, split over its threads). Each gate is multiplied apart, and
+      the backward steps then need no concatenation of the gates' gradients (against every
+      step's input projected before the loop: 0.83 to 0.85x the time for the LSTM, 0.95 to
+      0.99x for the GRU). From :data:`JOINED_MIN_SIZE` on, the LSTM joins its gates' slices
+      again in the step, as Flax's ``OptimizedLSTMCell`` computes: one product of each kernel
+      per step, its gradient still built up per gate.
+
+    In both loops each step multiplies the hidden state before the input (:meth:`_Cell._step`):
+    the GRU's derivative then takes 0.87 to 1.0x the time (1.03x at hidden 256), and the
+    joined LSTM's 0.86x, against the input first.
 
     The arrays are explicit arguments (the mask too), since a custom derivative cannot close
     over traced values."""
 
-    def loop(by_gate: bool) -> Callable[..., Any]:
+    def loop(by_gate: bool, joined: bool = False) -> Callable[..., Any]:
         def scan(weights: _Weights, carry: Any, xs: jax.Array, mask: Any) -> Any:
-            parts = cell._parts(weights, dtype, by_gate)
+            parts = cell._parts(weights, dtype, by_gate, joined)
             step = functools.partial(cell._step, dtype=dtype, parts=parts)
             return _scan(step, mask, reverse, unroll, carry, xs)
 
         return scan
 
-    if math.prod(xs.shape[1:-1]) > HOISTED_MAX_ROWS:
-        scan = differentiated_as(loop(by_gate=False), loop(by_gate=True))
+    rows = math.prod(xs.shape[1:-1])
+    if rows > HOISTED_MAX_ROWS:
+        joined = cell._joins_gates and rows * cell.hidden_size >= JOINED_MIN_SIZE
+        scan = differentiated_as(loop(by_gate=False), loop(by_gate=True, joined=joined))
     else:
         scan = jax.custom_jvp(loop(by_gate=False))
         rule = functools.partial(_scan_cell_jvp, cell, dtype, reverse, unroll)
@@ -894,7 +932,8 @@ def _scan_cell_jvp(
     """
     weights, carry, xs, mask = primals
     d_weights, d_carry, d_xs, _ = tangents
-    (input,), (recurrent,) = cell._parts(weights, dtype, by_gate=False)
+    parts = cell._parts(weights, dtype, by_gate=False)
+    (input,), (recurrent,) = parts.input, parts.recurrent
     xs = cast(xs, dtype)
 
     def step(carry: Any, scanned: tuple[jax.Array, Any]) -> tuple[Any, Any]:

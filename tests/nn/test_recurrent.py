@@ -13,6 +13,7 @@ from _tolerance import assert_close  # tests/_tolerance.py
 
 import metoryx as mx
 from metoryx.interop.torch import load_state_dict, to_state_dict
+from metoryx.nn import recurrent
 from metoryx.nn.recurrent import (
     HOISTED_MAX_ROWS,
     RNN,
@@ -270,8 +271,28 @@ def test_any_leading_batch_shape(numpy_init):
     assert_close(run(variables, x[1, 2]), y[1, 2], n=N)
 
 
-def test_one_scan_whatever_the_length(numpy_init, all_equations):
-    init_fn, apply_fn = mx.transform(_rnn("lstm"))
+# Past HOISTED_MAX_ROWS rows, the products in a step of the derivative's loop: forward, and
+# backward for each argnums of the test below. Per gate, the cell's 4 or 3 gates apart; joined
+# (the LSTM from JOINED_MIN_SIZE), one product of each kernel.
+_MANY_ROWS_PRODUCTS = {
+    ("lstm", "per gate"): (8, [3 * 4, 4 * 4, 2 * 4]),
+    ("gru", "per gate"): (6, [3 * 3, 4 * 3, 2 * 3]),
+    ("lstm", "joined"): (2, [3, 4, 2]),
+}
+
+
+def _derivative_form(monkeypatch: pytest.MonkeyPatch, form: str) -> int:
+    """The rows that make RNN take a derivative ``form`` (hoisted, per gate or joined): the
+    joined one set to start at this test's size."""
+    rows = B if form == "hoisted" else HOISTED_MAX_ROWS + 1
+    if form == "joined":
+        monkeypatch.setattr(recurrent, "JOINED_MIN_SIZE", rows * H)
+    return rows
+
+
+@pytest.mark.parametrize("kind, form", sorted(_MANY_ROWS_PRODUCTS))
+def test_one_scan_whatever_the_length(kind, form, numpy_init, all_equations, monkeypatch):
+    init_fn, apply_fn = mx.transform(_rnn(kind))
     params = numpy_init(init_fn)["params"]
     run = lambda p, x: apply_fn({"params": p}, None, x)[0]  # noqa: E731
 
@@ -301,14 +322,14 @@ def test_one_scan_whatever_the_length(numpy_init, all_equations):
     # product per step forward (the state's projection) and backward (its transpose); outside,
     # the inputs' projection, one product per kernel's gradient, and the input's gradient
     # only where the input is differentiated (no product of a zero tangent).
-    # With more rows, each step multiplies each of the 4 gates apart: 8 products forward.
-    # Backward, each gate's transposes: the two kernels' gradients and the state's, and the
-    # input's only where the input is differentiated.
-    many = HOISTED_MAX_ROWS + 1
-    for argnums, outside, backward in [(0, 2, 3 * 4), ((0, 1), 3, 4 * 4), (1, 1, 2 * 4)]:
+    # With more rows, backward, the transposes of each product: the two kernels' gradients and
+    # the state's, and the input's only where the input is differentiated.
+    many = _derivative_form(monkeypatch, form)
+    forward, backward = _MANY_ROWS_PRODUCTS[kind, form]
+    for argnums, outside, back in zip([0, (0, 1), 1], [2, 3, 1], backward, strict=True):
         grad = jax.grad(loss, argnums)
         assert products(grad, params, jnp.ones((B, 2, IN))) == ([1, 1], 1 + outside)
-        assert products(grad, params, jnp.ones((many, 2, IN)))[0] == [8, backward]
+        assert products(grad, params, jnp.ones((many, 2, IN)))[0] == [forward, back]
         for rows in (B, many):  # and the same loops whatever the length
             short, long = (scans(grad, params, jnp.ones((rows, t, IN))) for t in (2, 50))
             assert short == long
@@ -332,13 +353,17 @@ def test_grad_and_vmap(numpy_init):
         assert_close(y, run(variables, x, seq_lengths=lengths), n=N)
 
 
-@pytest.mark.parametrize("rows", [B, HOISTED_MAX_ROWS + 1])  # both derivatives of RNN
-@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
-def test_derivatives_of_every_mode_are_the_cells(numpy_init, kind, rows):
+@pytest.mark.parametrize(
+    "kind, form",
+    [(kind, form) for kind in ["rnn_tanh", "lstm", "gru"] for form in ["hoisted", "per gate"]]
+    + [("lstm", "joined")],
+)
+def test_derivatives_of_every_mode_are_the_cells(numpy_init, monkeypatch, kind, form):
     # RNN differentiates through a custom JVP (the kernels' products out of the loop with few
-    # rows, one product per gate with more): every derivative must be that of the cell
-    # stepped by a Python loop. Reversed with padding (lengths T, 2, 0, T, ...), so that the
-    # masks cross the custom derivative too.
+    # rows; with more, one product per gate, or the LSTM's gates joined in one): every
+    # derivative must be that of the cell stepped by a Python loop. Reversed with padding
+    # (lengths T, 2, 0, T, ...), so that the masks cross the custom derivative too.
+    rows = _derivative_form(monkeypatch, form)
     model = _rnn(kind, reverse=True)
     init_fn, apply_fn = mx.transform(model)
     params = numpy_init(init_fn)["params"]
