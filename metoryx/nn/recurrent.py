@@ -627,8 +627,9 @@ class RNN(Module):
     derivative is the quickest measured for the step's rows (the product of the batch axes,
     as the layer sees them: under ``jax.vmap``, one example's): with up to 8, the kernels'
     gradients are each one matrix product over all steps after the backward loop, as cuDNN
-    computes them; with more, the loop multiplies each gate apart, as Flax's cells do. All
-    forms agree within float32 rounding. (So a batch is best given to the layer whole: a
+    computes them; with more, the kernels' gradients build up per gate in the loop, as in
+    Flax's cells (the LSTM's four gates joined in one product from ``rows * hidden_size`` of
+    4,096, the other cells' gates multiplied apart). All forms agree within float32 rounding. (So a batch is best given to the layer whole: a
     ``jax.vmap`` of one sequence over 32 sequences of 128 steps trains 1.4x slower on CPU than
     the same batch given whole.)
 
@@ -849,8 +850,9 @@ HOISTED_MAX_ROWS = 8
 #: The fewest ``rows * hidden_size`` of a step, past :data:`HOISTED_MAX_ROWS` rows, at which
 #: the LSTM's derivative joins its gates' kernel slices again in each step: one product of each
 #: kernel per step instead of one per gate. Measured on a 2-core x86 CPU, gradient of the
-#: weights and the input against a product per gate: 0.90 to 0.98x the time from 4,096 (16 to
-#: 128 rows, hidden 64 to 512), 1.06 to 1.14x below (12 to 32 rows, hidden 64 and 128).
+#: weights and the input against a product per gate, with JAX 0.10.2: 0.90 to 0.98x the time
+#: from 4,096 (16 to 128 rows, hidden 64 to 512), 1.06 to 1.14x below (12 to 32 rows, hidden
+#: 64 and 128). With JAX 0.12.1 the same shapes from 4,096 read 0.94 to 1.09x, about level.
 JOINED_MIN_SIZE = 4096
 
 
