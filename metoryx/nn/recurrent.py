@@ -629,9 +629,9 @@ class RNN(Module):
     gradients are each one matrix product over all steps after the backward loop, as cuDNN
     computes them; with more, the kernels' gradients build up per gate in the loop, as in
     Flax's cells (the LSTM's four gates joined in one product from ``rows * hidden_size`` of
-    4,096, the other cells' gates multiplied apart). All forms agree within float32 rounding. (So a batch is best given to the layer whole: a
-    ``jax.vmap`` of one sequence over 32 sequences of 128 steps trains 1.4x slower on CPU than
-    the same batch given whole.)
+    4,096, the other cells' gates multiplied apart). All forms agree within float32 rounding.
+    (So a batch is best given to the layer whole: a ``jax.vmap`` of one sequence over 32
+    sequences of 128 steps trains 1.4x slower on CPU than the same batch given whole.)
 
     ``reverse=True`` runs from the last step to the first and returns the outputs in the
     original order, as the backward direction of a bidirectional PyTorch RNN.
