@@ -628,8 +628,8 @@ class RNN(Module):
     as the layer sees them: under ``jax.vmap``, one example's): with up to 8, the kernels'
     gradients are each one matrix product over all steps after the backward loop, as cuDNN
     computes them; with more, the kernels' gradients build up per gate in the loop, as in
-    Flax's cells (the LSTM's four gates joined in one product from ``rows * hidden_size`` of
-    4,096, the other cells' gates multiplied apart). All forms agree within float32 rounding.
+    Flax's cells (each gate multiplied apart; with JAX 0.10, the LSTM's four gates joined in
+    one product from ``rows * hidden_size`` of 4,096). All forms agree within float32 rounding.
     (So a batch is best given to the layer whole: a ``jax.vmap`` of one sequence over 32
     sequences of 128 steps trains 1.4x slower on CPU than the same batch given whole.)
 
@@ -852,8 +852,10 @@ HOISTED_MAX_ROWS = 8
 #: kernel per step instead of one per gate. Measured on a 2-core x86 CPU, gradient of the
 #: weights and the input against a product per gate, with JAX 0.10.2: 0.90 to 0.98x the time
 #: from 4,096 (16 to 128 rows, hidden 64 to 512), 1.06 to 1.14x below (12 to 32 rows, hidden
-#: 64 and 128). With JAX 0.12.1 the same shapes from 4,096 read 0.94 to 1.09x, about level.
-JOINED_MIN_SIZE = 4096
+#: 64 and 128). With JAX 0.12.1 (a newer XLA) the joined products lost where batches are most
+#: common, 1.07 to 1.10x at 32 rows of hidden 128, and were level elsewhere (0.94 to 1.06x):
+#: from JAX 0.11 on, the LSTM keeps a product per gate (no size joins).
+JOINED_MIN_SIZE = 4096 if jax.__version_info__ < (0, 11) else math.inf
 
 
 def _scan_cell(
@@ -880,9 +882,9 @@ def _scan_cell(
       kernel's gradient slowly, split over its threads). Each gate is multiplied apart, and
       the backward steps then need no concatenation of the gates' gradients (against every
       step's input projected before the loop: 0.83 to 0.85x the time for the LSTM, 0.95 to
-      0.99x for the GRU). From :data:`JOINED_MIN_SIZE` on, the LSTM joins its gates' slices
-      again in the step, as Flax's ``OptimizedLSTMCell`` computes: one product of each kernel
-      per step, its gradient still built up per gate.
+      0.99x for the GRU). From :data:`JOINED_MIN_SIZE` on (with JAX 0.10), the LSTM joins its
+      gates' slices again in the step, as Flax's ``OptimizedLSTMCell`` computes: one product
+      of each kernel per step, its gradient still built up per gate.
 
     In both loops each step multiplies the hidden state before the input (:meth:`_Cell._step`):
     the GRU's derivative then takes 0.87 to 1.0x the time (1.03x at hidden 256), and the
