@@ -944,10 +944,8 @@ def main() -> int:
                 m["slower"] = m["again"]["slower"]
             rows.append(row(case, pass_name, m))
             if m["slower"]:
-                again = m["again"]["versus"]
-                slower.append(
-                    f"{case.name}, {pass_name} ({m['fastest']} {m['versus']:.3f}, again {again:.3f})"
-                )
+                versus = f"{m['fastest']} {m['versus']:.3f}, again {m['again']['versus']:.3f}"
+                slower.append(f"{case.name}, {pass_name} ({versus})")
         print(f"  {case.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     print(markdown(titles, rows))
     print()
